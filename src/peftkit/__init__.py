@@ -1,0 +1,66 @@
+"""peftkit: parameter-efficient fine-tuning for any PyTorch model.
+
+    import peftkit
+    model = peftkit.attach(model, peftkit.LoRA(r=16, alpha=32, target_modules=["q_proj", "v_proj"]))
+"""
+
+__version__ = "0.1.0"
+
+from .core.api import (
+    activate,
+    adapter_parameters,
+    attach,
+    delete,
+    disabled,
+    get_adapter,
+    merge,
+    mixed_batch,
+    set_trainable,
+    unload,
+    unmerge,
+)
+from .core.config import AdapterConfig
+from .core.errors import (
+    AdapterLoadError,
+    AdapterNotFoundError,
+    ConfigError,
+    NotMergeableError,
+    PeftkitError,
+    TargetError,
+)
+from .core.model import active_names, adapter_names
+from .core.registry import METHODS, get_method, register
+from .core.state import load, save
+from .core.summary import summary
+from .methods.lora import LoRA, lora_plus_param_groups
+
+__all__ = [
+    "METHODS",
+    "AdapterConfig",
+    "AdapterLoadError",
+    "AdapterNotFoundError",
+    "ConfigError",
+    "LoRA",
+    "NotMergeableError",
+    "PeftkitError",
+    "TargetError",
+    "activate",
+    "active_names",
+    "adapter_names",
+    "adapter_parameters",
+    "attach",
+    "delete",
+    "disabled",
+    "get_adapter",
+    "get_method",
+    "load",
+    "lora_plus_param_groups",
+    "merge",
+    "mixed_batch",
+    "register",
+    "save",
+    "set_trainable",
+    "summary",
+    "unload",
+    "unmerge",
+]

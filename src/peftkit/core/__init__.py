@@ -1,0 +1,1 @@
+"""The adapter engine: sites, targeting, the method registry, save/load."""

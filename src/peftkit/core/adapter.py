@@ -1,0 +1,92 @@
+"""The protocol every method implements against the layer it adapts.
+
+A method is a config (see :mod:`peftkit.core.config`) that builds one
+:class:`AdapterModule` per targeted layer. The :class:`~peftkit.core.site.AdapterSite`
+that wraps the layer calls the hooks below; a method overrides only those it needs:
+
+* ``transform_input(x, site)`` — rewrite the layer input before the base layer runs
+  (OFT's rotation, IA3's feed-forward scaling). Set ``transforms_input = True``.
+* ``override_params(params, site)`` — replace base parameters (``{"weight": ...}``) for
+  this call (sparse deltas, norm tuning); the base runs through ``functional_call``.
+  Set ``overrides_params = True``.
+* ``adapt_output(x, y, base_out, site)`` — the adapted output from the original input
+  ``x``, the running output ``y`` (the base output plus earlier adapters' changes) and the
+  pure ``base_out``. Additive methods return ``y + Δ(x)``.
+* ``merge_into(base)`` / ``unmerge_from(base)`` — fold the adapter into the base weights
+  and back. The default uses ``delta_weight(base)`` (``W ← W + ΔW``); multiplicative
+  methods override both. ``mergeable = False`` marks methods that cannot be folded.
+* ``on_attach(model, site)`` / ``on_detach()`` — model-level hooks (prompt tuning).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .layers import as_matrix, from_matrix
+
+if TYPE_CHECKING:
+    from .config import AdapterConfig
+    from .site import AdapterSite
+
+
+class AdapterModule(nn.Module):
+    """One adapter on one layer. Its parameters are the trainable ones; its persistent state is what is saved."""
+
+    transforms_input: bool = False
+    overrides_params: bool = False
+    adapts_output: bool = True
+    mergeable: bool = True
+
+    def __init__(self, config: AdapterConfig, base: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+
+    # -- forward hooks -------------------------------------------------------------
+    def transform_input(self, x: torch.Tensor, site: AdapterSite) -> torch.Tensor:
+        return x
+
+    def override_params(self, params: dict[str, torch.Tensor], site: AdapterSite) -> dict[str, torch.Tensor]:
+        return params
+
+    def adapt_output(self, x: torch.Tensor, y: Any, base_out: Any, site: AdapterSite) -> Any:
+        return y
+
+    # -- merging ---------------------------------------------------------------------
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        """ΔW laid out like ``base.weight``, such that the merged weight is ``W + ΔW``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no delta_weight")
+
+    @torch.no_grad()
+    def merge_into(self, base: nn.Module) -> None:
+        w = base.weight
+        w.data += self.delta_weight(base).to(w.dtype)
+
+    @torch.no_grad()
+    def unmerge_from(self, base: nn.Module) -> None:
+        w = base.weight
+        w.data -= self.delta_weight(base).to(w.dtype)
+
+    # -- model-level hooks -----------------------------------------------------------
+    def on_attach(self, model: nn.Module, site: AdapterSite) -> None:
+        """Called once the adapter sits in ``site`` inside ``model``."""
+
+    def on_detach(self) -> None:
+        """Called before the adapter is removed: undo whatever ``on_attach`` or init did outside it."""
+
+    def restore_base(self, base: nn.Module) -> None:
+        """Undo any change the adapter's initialisation made to the base weights (PiSSA's residual)."""
+
+    # -- helpers for subclasses ------------------------------------------------------
+    @staticmethod
+    def matrix(base: nn.Module) -> torch.Tensor:
+        return as_matrix(base)
+
+    @staticmethod
+    def unmatrix(base: nn.Module, m: torch.Tensor) -> torch.Tensor:
+        return from_matrix(base, m)
+
+    def extra_repr(self) -> str:
+        return f"method={self.config.method}"

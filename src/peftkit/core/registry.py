@@ -1,0 +1,36 @@
+"""The method registry: ``@register`` on a config class makes a method known by its name.
+
+Save/load, validation, the CLI and the docs' method table read the registry, so adding a
+method is one file in ``peftkit/methods/``.
+"""
+
+from __future__ import annotations
+
+from .config import AdapterConfig
+from .errors import ConfigError, did_you_mean
+
+METHODS: dict[str, type[AdapterConfig]] = {}
+
+
+def register(cls: type[AdapterConfig]) -> type[AdapterConfig]:
+    name = cls.method
+    if not name:
+        raise TypeError(f"{cls.__name__} sets no `method` name")
+    if name in METHODS and METHODS[name] is not cls:
+        raise TypeError(f"method {name!r} is registered twice ({METHODS[name].__name__}, {cls.__name__})")
+    METHODS[name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[AdapterConfig]:
+    key = name.lower().replace("-", "_")
+    for cname, cls in METHODS.items():
+        if key in (cname, cls.__name__.lower()):
+            return cls
+    raise ConfigError(f"unknown method {name!r}{did_you_mean(name, METHODS)}; known: {', '.join(sorted(METHODS))}")
+
+
+def config_from_dict(data: dict) -> AdapterConfig:
+    if "method" not in data:
+        raise ConfigError("adapter config has no 'method' field")
+    return get_method(data["method"]).from_dict(data)

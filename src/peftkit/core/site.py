@@ -1,0 +1,144 @@
+"""The one wrapper that replaces a targeted module.
+
+An :class:`AdapterSite` holds the original module (``base``), an ordered dict of named
+adapters, and which of them are active and which are merged. Its forward is
+
+    x' = T_k(...T_1(x))                      input transforms (OFT, IA3 feed-forward)
+    base_out = base(x'; params overridden)   parameter overrides (sparse, norm tuning)
+    y = A_k(...A_1(base_out))                output adaptations (LoRA, DoRA, IA3, adapters)
+
+over the active, unmerged adapters in activation order. With a mixed batch, rows are grouped
+by adapter: methods that only adapt the output share one base call and are applied to each
+group's rows (or, for LoRA, in one gathered batched product); other methods run per group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .adapter import AdapterModule
+
+
+class AdapterSite(nn.Module):
+    """Wraps one module of the user's model; adapters live in ``self.adapters``."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        #: set by ``peftkit.mixed_batch``: (names_per_row, {name: row index tensor})
+        self.row_groups: tuple[list[str | None], dict[str | None, torch.Tensor]] | None = None
+
+    # The base module's attributes (weight, in_features, ...) stay reachable through the site,
+    # so code that reads ``model.q_proj.weight`` keeps working.
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base", "adapters"):
+                raise
+            return getattr(self._modules["base"], name)
+
+    def running(self) -> list[str]:
+        if self.disabled:
+            return []
+        return [n for n in self.active if n in self.adapters and n not in self.merged]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.row_groups is not None and not self.disabled:
+            return self._mixed_forward(args, kwargs)
+        names = self.running()
+        if not names:
+            return self.base(*args, **kwargs)
+        return self.run_adapters(names, args, kwargs)
+
+    def run_adapters(self, names: Sequence[str], args: tuple, kwargs: dict) -> Any:
+        mods: list[AdapterModule] = [self.adapters[n] for n in names]
+        x0, rest = args[0], args[1:]
+        x = x0
+        for m in mods:
+            if m.transforms_input:
+                x = m.transform_input(x, self)
+        params: dict[str, torch.Tensor] = {}
+        for m in mods:
+            if m.overrides_params:
+                params = m.override_params(params, self)
+        if params:
+            base_out = functional_call(self.base, params, (x, *rest), kwargs, strict=False)
+        else:
+            base_out = self.base(x, *rest, **kwargs)
+        y = base_out
+        for m in mods:
+            if m.adapts_output:
+                y = m.adapt_output(x0, y, base_out, self)
+        return y
+
+    # -- mixed batches -------------------------------------------------------------------
+    def _mixed_forward(self, args: tuple, kwargs: dict) -> Any:
+        names_per_row, groups = self.row_groups  # type: ignore[misc]
+        x = args[0]
+        if x.shape[0] != len(names_per_row):
+            from .errors import PeftkitError
+
+            raise PeftkitError(
+                f"mixed_batch was given {len(names_per_row)} adapter names but the batch has {x.shape[0]} rows"
+            )
+        present = {n: self.adapters[n] for n in groups if n is not None and n in self.adapters and n not in self.merged}
+        if not present:
+            return self.base(*args, **kwargs)
+        mods = list(present.values())
+        output_only = all(not (m.transforms_input or m.overrides_params) for m in mods)
+        if output_only and not kwargs and len(args) == 1:
+            base_out = self.base(x)
+            kind = type(mods[0])
+            gathered = getattr(kind, "gathered_output", None)
+            if gathered is not None and all(type(m) is kind for m in mods):
+                out = gathered(self, names_per_row, x, base_out)
+                if out is not None:
+                    return out
+            out = base_out.clone()
+            for name, idx in groups.items():
+                if name not in present:
+                    continue
+                yb = base_out.index_select(0, idx)
+                out.index_copy_(0, idx, present[name].adapt_output(x.index_select(0, idx), yb, yb, self))
+            return out
+        # general path: each group of rows through its own adapter
+        outs: list[tuple[torch.Tensor, Any]] = []
+        for name, idx in groups.items():
+            sub_args = tuple(_rows(a, idx, x.shape[0]) for a in args)
+            sub_kwargs = {k: _rows(v, idx, x.shape[0]) for k, v in kwargs.items()}
+            if name in present:
+                outs.append((idx, self.run_adapters([name], sub_args, sub_kwargs)))
+            else:
+                outs.append((idx, self.base(*sub_args, **sub_kwargs)))
+        return _scatter_rows(outs, x.shape[0])
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}, merged={self.merged}"
+
+
+def _rows(v: Any, idx: torch.Tensor, n: int) -> Any:
+    if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
+        return v.index_select(0, idx)
+    return v
+
+
+def _scatter_rows(parts: list[tuple[torch.Tensor, Any]], n: int) -> Any:
+    first = parts[0][1]
+    if isinstance(first, torch.Tensor):
+        out = first.new_empty((n, *first.shape[1:]))
+        for idx, part in parts:
+            out.index_copy_(0, idx, part)
+        return out
+    if isinstance(first, tuple):
+        return tuple(_scatter_rows([(i, p[k]) for i, p in parts], n) for k in range(len(first)))
+    return first

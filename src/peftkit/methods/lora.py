@@ -1,0 +1,405 @@
+"""LoRA: low-rank adaptation (Hu et al., 2021, arXiv:2106.09685), with rsLoRA, PiSSA and MiLoRA initialisations.
+
+For a frozen layer ``y = W x + b`` (``W ∈ R^{out×in}``; convolutions and embeddings through
+their matrix view, see :mod:`peftkit.core.layers`) LoRA trains ``A ∈ R^{r×in}`` and
+``B ∈ R^{out×r}``:
+
+    y = W x + b + s · B A dropout(x),      s = alpha / r   (rsLoRA: s = alpha / √r, Kalajdzievski 2023)
+
+and merges as ``W ← W + s B A``. ``W`` and ``b`` are frozen.
+
+Initialisations (``init``):
+
+* ``"default"`` — A Kaiming-uniform, B = 0 (embeddings: A = 0, B ~ N(0, 1), as peft), so the
+  model is unchanged at step 0;
+* ``"gaussian"`` — A ~ N(0, 1/r), B = 0;
+* ``"pissa"`` — PiSSA (Meng et al., 2024, arXiv:2404.02948): with ``W = U S Vᵀ`` and the top-r
+  triplets, ``A = diag(√(S_r/s)) V_rᵀ``, ``B = U_r diag(√(S_r/s))``, and the base keeps the
+  residual ``W_res = W − s B A``; outputs are unchanged at step 0 and the principal
+  directions are trained. ``"pissa_niter_N"`` uses a randomised SVD with N power iterations;
+* ``"milora"`` — MiLoRA (Wang et al., 2024, arXiv:2406.09044): the same with the r *minor*
+  singular triplets.
+
+The PiSSA/MiLoRA starting factors are kept as buffers (``init_A``, ``init_B``) so that
+unloading without merging restores the original ``W`` and saved files work on the original
+base. :func:`lora_plus_param_groups` builds LoRA+ (Hayou et al., 2024, arXiv:2402.12354)
+optimizer groups: the learning rate of B is ``ratio`` times that of A.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.adapter import AdapterModule
+from ..core.config import AdapterConfig, pattern_value, positive_int, probability
+from ..core.errors import ConfigError
+from ..core.layers import CONV1D, CONV2D, EMBEDDING, HF_CONV1D, LINEAR, layer_info, layer_kind
+from ..core.registry import register
+
+LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "gpt2": ["c_attn"],
+    "opt": ["q_proj", "v_proj"],
+    "t5": ["q", "v"],
+    "vit": ["query", "value"],
+}
+INITS = ("default", "gaussian", "pissa", "milora")
+
+
+@register
+@dataclass
+class LoRA(AdapterConfig):
+    """Low-rank adaptation ``W + s·B A``: ``r`` the rank, ``alpha`` the scale numerator.
+
+    ``rank_pattern`` / ``alpha_pattern`` map module-name patterns (names, suffixes or regular
+    expressions, peft's rule) to a per-module rank / alpha.
+    """
+
+    method = "lora"
+    supported_layers = (LINEAR, HF_CONV1D, CONV1D, CONV2D, EMBEDDING)
+    default_targets = LORA_DEFAULT_TARGETS
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "default"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        owner = type(self).__name__
+        positive_int(owner, "r", self.r)
+        for k, v in self.rank_pattern.items():
+            positive_int(owner, f"rank_pattern[{k!r}]", v)
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool):
+            raise ConfigError(f"{owner}: alpha must be a number, got {self.alpha!r}")
+        probability(owner, "dropout", self.dropout)
+        if not (self.init in INITS or re.fullmatch(r"pissa_niter_\d+", str(self.init))):
+            from ..core.errors import did_you_mean
+
+            raise ConfigError(f"{owner}: init={self.init!r} is not one of {', '.join(INITS)} or 'pissa_niter_N'"
+                              f"{did_you_mean(str(self.init), INITS)}")
+
+    # -- per-module values --------------------------------------------------------------
+    def rank_for(self, module_name: str) -> int:
+        return pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return pattern_value(self.alpha_pattern, module_name, self.alpha)
+
+    def scale_for(self, module_name: str) -> float:
+        r, a = self.rank_for(module_name), self.alpha_for(module_name)
+        return a / math.sqrt(r) if self.use_rslora else a / r
+
+    def check_layer(self, base: nn.Module, module_name: str) -> str | None:
+        reason = super().check_layer(base, module_name)
+        if reason:
+            return reason
+        kind = layer_kind(base)
+        if kind in (CONV1D, CONV2D):
+            if base.groups != 1:
+                return f"grouped convolutions (groups={base.groups}) are not supported by {self.method}"
+            if base.padding_mode != "zeros":
+                return f"padding_mode={base.padding_mode!r} is not supported by {self.method}"
+        if str(self.init).startswith(("pissa", "milora")) and kind not in (LINEAR, HF_CONV1D):
+            return f"init={self.init!r} needs a linear layer, not {type(base).__name__}"
+        r = self.rank_for(module_name)
+        limit = max_rank(base)
+        if r > limit:
+            return f"rank {r} is larger than the layer allows ({limit} = min(out, in) of its {tuple(base.weight.shape)} weight)"
+        return None
+
+    def build(self, base: nn.Module, module_name: str) -> LoRALayer:
+        return LoRALayer(self, base, module_name)
+
+
+def max_rank(base: nn.Module) -> int:
+    w = base.weight
+    if layer_kind(base) in (CONV1D, CONV2D):
+        return min(w.shape[0], w[0].numel())
+    return min(w.shape[0], w.shape[1])
+
+
+class LoRALayer(AdapterModule):
+    """``Δ(x) = s · B A x`` on one layer. Parameters ``lora_A`` ``(r, in[, *k])`` and ``lora_B`` ``(out, r[, 1...])``."""
+
+    def __init__(self, config: LoRA, base: nn.Module, module_name: str) -> None:
+        super().__init__(config, base)
+        self.kind = layer_kind(base)
+        info = layer_info(base)
+        self.r = r = config.rank_for(module_name)
+        self.scaling = config.scale_for(module_name)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        w = base.weight
+        if self.kind in (CONV1D, CONV2D):
+            k = tuple(w.shape[2:])
+            self.lora_A = nn.Parameter(torch.empty(r, info.in_features, *k))
+            self.lora_B = nn.Parameter(torch.zeros(info.out_features, r, *([1] * len(k))))
+        else:
+            self.lora_A = nn.Parameter(torch.empty(r, info.in_features))
+            self.lora_B = nn.Parameter(torch.zeros(info.out_features, r))
+        self._init(config, base)
+
+    @torch.no_grad()
+    def _init(self, config: LoRA, base: nn.Module) -> None:
+        init = str(config.init)
+        if self.kind == EMBEDDING:
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+            return
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        elif init.startswith(("pissa", "milora")):
+            self._svd_init(init, base)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @torch.no_grad()
+    def _svd_init(self, init: str, base: nn.Module) -> None:
+        w = self.matrix(base).detach().float()
+        r = self.r
+        if init.startswith("pissa_niter_"):
+            niter = int(init.rsplit("_", 1)[-1])
+            u, s, v = torch.svd_lowrank(w, q=r, niter=niter)
+            ur, sr, vhr = u, s, v.t()
+        else:
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            sl = slice(0, r) if init == "pissa" else slice(s.numel() - r, s.numel())
+            ur, sr, vhr = u[:, sl], s[sl], vh[sl]
+        root = torch.sqrt(sr / self.scaling)
+        self.lora_A.copy_(root[:, None] * vhr)
+        self.lora_B.copy_(ur * root[None, :])
+        self.register_buffer("init_A", self.lora_A.detach().clone())
+        self.register_buffer("init_B", self.lora_B.detach().clone())
+
+    # -- forward ---------------------------------------------------------------------
+    def adapt_output(self, x: torch.Tensor, y: torch.Tensor, base_out: Any, site: Any) -> torch.Tensor:
+        A, B = self.lora_A, self.lora_B
+        if self.kind == EMBEDDING:
+            base = site.base
+            h = F.embedding(x, A.t(), base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+            return _add_scaled(y, h, B, self.scaling)
+        x = self.dropout(x)
+        if x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        if self.kind in (CONV1D, CONV2D):
+            base = site.base
+            conv = F.conv2d if self.kind == CONV2D else F.conv1d
+            h = conv(x, A, None, base.stride, base.padding, base.dilation)
+            delta = conv(h, B) * self.scaling
+            return y + delta.to(y.dtype)
+        return _add_scaled(y, F.linear(x, A), B, self.scaling)
+
+    # -- merging ---------------------------------------------------------------------
+    def delta_matrix(self) -> torch.Tensor:
+        """``s · B A`` as an ``(out, in_flat)`` matrix (``in_flat`` = in·k for convolutions)."""
+        a = self.lora_A.reshape(self.r, -1)
+        b = self.lora_B.reshape(self.lora_B.shape[0], self.r)
+        return (b @ a) * self.scaling
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        return self.unmatrix(base, self.delta_matrix())
+
+    @torch.no_grad()
+    def on_attach(self, model: nn.Module, site: Any) -> None:
+        if hasattr(self, "init_A"):  # PiSSA/MiLoRA: the base keeps the residual W − s B₀ A₀
+            w = site.base.weight
+            w.data -= self.unmatrix(site.base, (self.init_B @ self.init_A) * self.scaling).to(w.dtype)
+
+    @torch.no_grad()
+    def restore_base(self, base: nn.Module) -> None:
+        if hasattr(self, "init_A"):
+            w = base.weight
+            w.data += self.unmatrix(base, (self.init_B @ self.init_A) * self.scaling).to(w.dtype)
+
+    # -- mixed batches: every row's adapter in one batched product -------------------------
+    @classmethod
+    def gathered_output(cls, site: Any, names_per_row: list[str | None], x: torch.Tensor,
+                        base_out: torch.Tensor) -> torch.Tensor | None:
+        """``y_i = base_i + s_{a(i)} B_{a(i)} A_{a(i)} x_i`` for all rows at once (None: no change).
+
+        The factors of the adapters in the batch are stacked and gathered per row, so the whole
+        batch costs two batched matrix products whatever the number of adapters.
+        """
+        names = [n for n in dict.fromkeys(names_per_row) if n is not None]
+        mods = [site.adapters[n] for n in names]
+        ranks = {m.r for m in mods}
+        if len(ranks) != 1 or mods[0].kind not in (LINEAR, HF_CONV1D) or not isinstance(base_out, torch.Tensor):
+            return None
+        if any(m.training and not isinstance(m.dropout, nn.Identity) for m in mods):
+            return None
+        lookup = {n: i + 1 for i, n in enumerate(names)}
+        ids = torch.tensor([lookup.get(n, 0) for n in names_per_row], device=x.device)
+        ref = mods[0].lora_A
+        zero_a = ref.new_zeros((1, *ref.shape))
+        zero_b = mods[0].lora_B.new_zeros((1, *mods[0].lora_B.shape))
+        a_stack = torch.cat([zero_a, torch.stack([m.lora_A for m in mods])])
+        b_stack = torch.cat([zero_b, torch.stack([m.lora_B * m.scaling for m in mods])])
+        rows = x.shape[0]
+        xr = x.reshape(rows, -1, x.shape[-1]).to(ref.dtype)
+        h = torch.bmm(xr, a_stack[ids].transpose(1, 2))
+        yr = base_out.reshape(rows, -1, base_out.shape[-1])
+        if yr.dtype == ref.dtype:
+            out = torch.baddbmm(yr, h, b_stack[ids].transpose(1, 2))
+        else:
+            out = yr + torch.bmm(h, b_stack[ids].transpose(1, 2)).to(yr.dtype)
+        return out.reshape(base_out.shape)
+
+
+def _add_scaled(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``y + scaling · h Bᵀ`` as one fused ``addmm`` (no separate scale and add passes)."""
+    if y.dtype != h.dtype:
+        return y + (F.linear(h, B) * scaling).to(y.dtype)
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=scaling)
+    return out.view(y.shape)
+
+
+def lora_plus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0,
+                           lr_embedding: float = 1e-6, name: str | None = None) -> list[dict[str, Any]]:
+    """LoRA+ optimizer parameter groups: ``lora_B`` (and 1-D adapter vectors) at ``lr · ratio``, the rest at ``lr``.
+
+    Embedding adapters get ``lr_embedding`` (peft's ``create_loraplus_optimizer`` grouping).
+    Only trainable adapter parameters are included. Pass the result to any torch optimizer.
+    """
+    from ..core.model import iter_sites
+
+    if ratio <= 0:
+        raise ConfigError(f"LoRA+ ratio must be positive, got {ratio}")
+    group_a, group_b, group_b_nodecay, group_emb = [], [], [], []
+    for _, site in iter_sites(model):
+        for n, mod in site.adapters.items():
+            if name is not None and n != name:
+                continue
+            for pname, p in mod.named_parameters():
+                if not p.requires_grad:
+                    continue
+                if getattr(mod, "kind", None) == EMBEDDING:
+                    group_emb.append(p)
+                elif p.ndim == 1:
+                    group_b_nodecay.append(p)
+                elif pname.endswith("lora_B"):
+                    group_b.append(p)
+                else:
+                    group_a.append(p)
+    groups = [
+        {"params": group_a, "lr": lr, "weight_decay": weight_decay},
+        {"params": group_emb, "lr": lr_embedding, "weight_decay": weight_decay},
+        {"params": group_b, "lr": lr * ratio, "weight_decay": weight_decay},
+        {"params": group_b_nodecay, "lr": lr * ratio, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+# -- Hugging Face PEFT format ------------------------------------------------------------------
+def _hf_names(mod: nn.Module) -> dict[str, str]:
+    if getattr(mod, "kind", None) == EMBEDDING:
+        return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+    return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+
+
+_hf_names.all_names = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")  # type: ignore[attr-defined]
+
+_UNSUPPORTED_HF = {"lora_bias": False, "use_qalora": False, "modules_to_save": None}
+
+
+def lora_options_from_hf(d: dict[str, Any], owner: str) -> dict[str, Any]:
+    """The LoRA options shared by LoRA and DoRA, from a peft ``LoraConfig`` dict."""
+    for key, ok in _UNSUPPORTED_HF.items():
+        if d.get(key, ok) not in (ok, None, False, [], {}):
+            raise ConfigError(f"peft option {key}={d[key]!r} is not supported by peftkit's {owner}")
+    if d.get("bias", "none") != "none":
+        raise ConfigError(f"peft option bias={d['bias']!r} is not supported by peftkit's {owner}; use 'none'")
+    init = d.get("init_lora_weights", True)
+    if init is True or init is False:
+        init = "default"
+    elif isinstance(init, str) and init.startswith(("pissa", "milora", "gaussian")):
+        init = init
+    else:
+        raise ConfigError(f"peft init_lora_weights={init!r} is not supported by peftkit's {owner}")
+    return {
+        "r": int(d.get("r", 8)),
+        "alpha": d.get("lora_alpha", 8),
+        "dropout": float(d.get("lora_dropout", 0.0) or 0.0),
+        "use_rslora": bool(d.get("use_rslora", False)),
+        "init": init,
+        "rank_pattern": dict(d.get("rank_pattern") or {}),
+        "alpha_pattern": dict(d.get("alpha_pattern") or {}),
+        "target_modules": d.get("target_modules"),
+    }
+
+
+def lora_options_to_hf(config: LoRA) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "use_dora": False,
+    }
+    if str(config.init).startswith(("pissa", "milora")):
+        # exported relative to the original base: s·B A − s·B₀ A₀ = s·[B, −B₀][A; A₀], rank 2r
+        grow = math.sqrt(2.0) if config.use_rslora else 2.0
+        out["r"] = 2 * config.r
+        out["lora_alpha"] = config.alpha * grow
+        out["rank_pattern"] = {k: 2 * v for k, v in config.rank_pattern.items()}
+        out["alpha_pattern"] = {k: v * grow for k, v in config.alpha_pattern.items()}
+        for k in config.rank_pattern:  # a pattern rank without alpha pattern: keep its scale
+            out["alpha_pattern"].setdefault(k, config.alpha_pattern.get(k, config.alpha) * grow)
+        out["init_lora_weights"] = True
+    return out
+
+
+def _lora_export(mod: LoRALayer) -> dict[str, torch.Tensor]:
+    if not hasattr(mod, "init_A"):
+        return {"lora_A": mod.lora_A.detach(), "lora_B": mod.lora_B.detach()}
+    a = torch.cat([mod.lora_A.detach(), mod.init_A], 0)
+    b = torch.cat([mod.lora_B.detach(), -mod.init_B], 1)
+    return {"lora_A": a, "lora_B": b}
+
+
+def _lora_import(mod: LoRALayer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if hasattr(mod, "init_A"):  # a peft PiSSA/MiLoRA file: the starting factors come from the SVD just made
+        state.setdefault("init_A", mod.init_A)
+        state.setdefault("init_B", mod.init_B)
+    return state
+
+
+def _register_hf() -> None:
+    from ..formats.hf_peft import HFCodec, register_codec
+
+    register_codec(HFCodec(
+        method="lora",
+        peft_type="LORA",
+        accepts=lambda d: not d.get("use_dora", False),
+        config_to_hf=lambda c, targets: lora_options_to_hf(c),
+        config_from_hf=lambda d: LoRA(**lora_options_from_hf(d, "LoRA")),
+        tensor_names=_hf_names,
+        export=_lora_export,
+        import_=_lora_import,
+    ))
+
+
+_register_hf()
