@@ -54,7 +54,7 @@ def test_registry_covers_cases():
 
 
 def test_only_adapter_parameters_train(case):
-    model, inputs, out = build(case)
+    model, _inputs, _out = build(case)
     peftkit.attach(model, case.config())
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     adapter = {id(p) for p in peftkit.adapter_parameters(model).values()}

@@ -14,7 +14,9 @@ that wraps the layer calls the hooks below; a method overrides only those it nee
   pure ``base_out``. Additive methods return ``y + Δ(x)``.
 * ``merge_into(base)`` / ``unmerge_from(base)`` — fold the adapter into the base weights
   and back. The default uses ``delta_weight(base)`` (``W ← W + ΔW``); multiplicative
-  methods override both. ``mergeable = False`` marks methods that cannot be folded.
+  methods override both. ``mergeable = False`` marks methods that cannot be folded
+  (``unmergeable_reason`` says why); ``supports_mixed_batch = False`` those whose rows
+  cannot share a batch with other adapters' rows.
 * ``on_attach(model, site)`` / ``on_detach()`` — model-level hooks (prompt tuning).
 """
 
@@ -39,6 +41,10 @@ class AdapterModule(nn.Module):
     overrides_params: bool = False
     adapts_output: bool = True
     mergeable: bool = True
+    #: why ``merge`` refuses this method (shown in the error) when ``mergeable`` is False
+    unmergeable_reason: str = "the method has no weight form"
+    #: False for methods whose rows cannot be mixed in one batch (they change the sequence length, ...)
+    supports_mixed_batch: bool = True
 
     def __init__(self, config: AdapterConfig, base: nn.Module) -> None:
         super().__init__()

@@ -14,7 +14,7 @@ from torch import nn
 
 from .adapter import AdapterModule
 from .config import AdapterConfig
-from .errors import ConfigError, NotMergeableError, TargetError
+from .errors import ConfigError, NotMergeableError, PeftkitError, TargetError
 from .layers import float_dtype_for_adapter
 from .model import (
     active_names,
@@ -116,7 +116,7 @@ def install(model: nn.Module, plan: Plan, name: str, trainable: bool = True) -> 
             site = AdapterSite(base)
             replace_module(model, mname, site)
         site.adapters[name] = module
-    for mname, base, module in plan:
+    for _mname, _base, module in plan:
         site = _site_holding(model, module)
         module.on_attach(model, site)
         for p in module.parameters():
@@ -193,7 +193,15 @@ def _merged_by_site(model: nn.Module) -> list[tuple[AdapterSite, list[str]]]:
 def mixed_batch(model: nn.Module, names_per_row: Sequence[str | None]) -> Iterator[nn.Module]:
     """Row ``i`` of every batch inside the block goes through adapter ``names_per_row[i]`` (None: the base)."""
     rows = list(names_per_row)
-    check_names(model, sorted({n for n in rows if n is not None}))
+    used = sorted({n for n in rows if n is not None})
+    check_names(model, used)
+    for n in used:
+        for path, _site, mod in adapter_modules(model, n):
+            if not mod.supports_mixed_batch:
+                raise PeftkitError(
+                    f"adapter {n!r} ({mod.config.method}, at {path}) cannot be used in a mixed batch: "
+                    "its rows cannot share a batch with other adapters' rows"
+                )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     groups: dict[str | None, torch.Tensor] = {}
     for i, n in enumerate(rows):
@@ -223,7 +231,7 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Modu
             if not mod.mergeable:
                 raise NotMergeableError(
                     f"adapter {n!r} ({mod.config.method}, at {path}) cannot be merged into the weights: "
-                    f"{getattr(mod, 'unmergeable_reason', 'the method has no weight form')}"
+                    f"{mod.unmergeable_reason}"
                 )
     for _, site in iter_sites(model):
         for n in names:

@@ -38,7 +38,7 @@ def summary(model: nn.Module) -> Table:
         pct.append(f"{100.0 * n / max(base_total, 1):.4f}%")
     lines_data = [(*header, "% of base")] + [(*r, p) for r, p in zip(rows, pct, strict=True)]
     widths = [max(len(r[i]) for r in lines_data) for i in range(len(lines_data[0]))]
-    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
     out = [fmt(lines_data[0]), "  ".join("-" * w for w in widths)]
     out += [fmt(r) for r in lines_data[1:]]
     out.append(f"base model: {type(model).__name__}, {base_total:,} parameters"
