@@ -89,14 +89,8 @@ def codec_for_config(hf: dict[str, Any], source: str) -> HFCodec:
 
 def base_hf_fields(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
-    task = None
-    cls = type(model).__name__
-    if cls.endswith("ForCausalLM"):
-        task = "CAUSAL_LM"
-    elif cls.endswith("ForSequenceClassification"):
-        task = "SEQ_CLS"
-    elif cls.endswith("ForTokenClassification"):
-        task = "TOKEN_CLS"
+    # SEQ_CLS/TOKEN_CLS would make peft expect a trained copy of the head in the file
+    task = "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
     return {
         "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
         "inference_mode": True,

