@@ -45,7 +45,7 @@ def test_bad_options_name_the_option():
         peftkit.attach(MODELS["llama"](0)[0], peftkit.LoRA(dropout=1.5, target_modules=["q_proj"]))
     with pytest.raises(peftkit.ConfigError, match="did you mean 'pissa'"):
         peftkit.attach(MODELS["llama"](0)[0], peftkit.LoRA(init="pisa", target_modules=["q_proj"]))
-    with pytest.raises(peftkit.ConfigError, match="unknown method 'lorra'.*did you mean 'lora'"):
+    with pytest.raises(peftkit.ConfigError, match=r"unknown method 'lorra'.*did you mean 'lora'"):
         peftkit.get_method("lorra")
 
 
@@ -54,7 +54,7 @@ def test_unknown_adapter_name():
     peftkit.attach(m, peftkit.LoRA(target_modules=["q_proj"]), name="sst2")
     for call in (lambda: peftkit.activate(m, "sst"), lambda: peftkit.merge(m, "sst"), lambda: peftkit.delete(m, "sst"),
                  lambda: peftkit.save(m, "/tmp/never", name="sst"), lambda: peftkit.mixed_batch(m, ["sst"]).__enter__()):
-        with pytest.raises(peftkit.AdapterNotFoundError, match="no adapter named 'sst'.*did you mean 'sst2'"):
+        with pytest.raises(peftkit.AdapterNotFoundError, match=r"no adapter named 'sst'.*did you mean 'sst2'"):
             call()
 
 

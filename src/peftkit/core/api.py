@@ -60,6 +60,9 @@ def prepare(model: nn.Module, config: AdapterConfig, name: str, targets: Sequenc
         bases.append((mname, base))
     if problems:
         raise TargetError("cannot attach " + config.method + ": " + "; ".join(problems))
+    reason = config.check_model(model, [display_name(n) for n in module_names])
+    if reason:
+        raise TargetError(f"cannot attach {config.method}: {reason}")
     plan: Plan = []
     for mname, base in bases:
         module = config.build(base, display_name(mname))
@@ -116,6 +119,7 @@ def install(model: nn.Module, plan: Plan, name: str, trainable: bool = True) -> 
             site = AdapterSite(base)
             replace_module(model, mname, site)
         site.adapters[name] = module
+        module.train(model.training)  # dropout follows the model's train/eval mode
     for _mname, _base, module in plan:
         site = _site_holding(model, module)
         module.on_attach(model, site)

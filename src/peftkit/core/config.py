@@ -32,6 +32,11 @@ class AdapterConfig:
     supported_layers: ClassVar[tuple[str, ...] | None] = None
     #: default targets per model family (``config.model_type``) when ``target_modules`` is None
     default_targets: ClassVar[dict[str, list[str]]] = {}
+    #: for the method table in the docs: the family (low-rank, scaling, ...), the paper, one line of math
+    family: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    formula: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = True
 
     target_modules: Any = None
     exclude_modules: Any = None
@@ -50,6 +55,13 @@ class AdapterConfig:
         if self.supported_layers is not None and layer_kind(base) not in self.supported_layers:
             kinds = ", ".join(self.supported_layers)
             return f"{self.method} does not support {type(base).__name__} layers (supported: {kinds})"
+        return None
+
+    def check_model(self, model: nn.Module, module_names: list[str]) -> str | None:
+        """A reason the selected modules, taken together, cannot take this adapter (None: they can).
+
+        For methods whose placement depends on the whole model (prompt tuning needs the input embedding).
+        """
         return None
 
     # -- serialisation ---------------------------------------------------------------

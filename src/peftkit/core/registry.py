@@ -34,3 +34,19 @@ def config_from_dict(data: dict) -> AdapterConfig:
     if "method" not in data:
         raise ConfigError("adapter config has no 'method' field")
     return get_method(data["method"]).from_dict(data)
+
+
+def method_table() -> str:
+    """The Markdown table of every registered method (the README's method table is generated from it)."""
+    from ..formats.hf_peft import CODECS
+
+    hf = {c.method for c in CODECS}
+    rows = ["| method | config | family | trains | merge | HF PEFT format | paper |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in sorted(METHODS, key=lambda n: (METHODS[n].family, n)):
+        cls = METHODS[name]
+        layers = ", ".join(cls.supported_layers) if cls.supported_layers else "any module"
+        merge = "yes" if cls.mergeable else "no"
+        rows.append(f"| `{name}` | `peftkit.{cls.__name__}` | {cls.family} | {cls.formula} ({layers}) | {merge} | "
+                    f"{'read + write' if name in hf else '—'} | {cls.paper} |")
+    return "\n".join(rows)

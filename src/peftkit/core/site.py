@@ -62,6 +62,8 @@ class AdapterSite(nn.Module):
 
     def run_adapters(self, names: Sequence[str], args: tuple, kwargs: dict) -> Any:
         mods: list[AdapterModule] = [self.adapters[n] for n in names]
+        if not args:  # a module called with keywords only (``self_attn(hidden_states=...)``)
+            args, kwargs = _first_input_positional(self.base, kwargs)
         x0, rest = args[0], args[1:]
         x = x0
         for m in mods:
@@ -84,6 +86,8 @@ class AdapterSite(nn.Module):
     # -- mixed batches -------------------------------------------------------------------
     def _mixed_forward(self, args: tuple, kwargs: dict) -> Any:
         names_per_row, groups = self.row_groups  # type: ignore[misc]
+        if not args:
+            args, kwargs = _first_input_positional(self.base, kwargs)
         x = args[0]
         if x.shape[0] != len(names_per_row):
             from .errors import PeftkitError
@@ -124,6 +128,25 @@ class AdapterSite(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}"
+
+
+def _first_input_positional(base: nn.Module, kwargs: dict) -> tuple[tuple, dict]:
+    """Move the base module's first forward argument from the keywords to the first position
+    (``self_attn(hidden_states=...)``), so adapters see it as ``x``."""
+    import inspect
+
+    from .errors import PeftkitError
+
+    try:
+        params = list(inspect.signature(base.forward).parameters)
+    except (TypeError, ValueError):
+        params = []
+    key = params[0] if params and params[0] in kwargs else None
+    if key is None:
+        raise PeftkitError(f"{type(base).__name__} was called without its first input "
+                           f"({params[0] if params else 'unknown'!r}); adapters need it")
+    rest = dict(kwargs)
+    return (rest.pop(key),), rest
 
 
 def _rows(v: Any, idx: torch.Tensor, n: int) -> Any:

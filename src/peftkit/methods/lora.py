@@ -70,6 +70,9 @@ class LoRA(AdapterConfig):
     """
 
     method = "lora"
+    family = "low-rank"
+    paper = "Hu et al. 2021 (arXiv:2106.09685); rsLoRA, PiSSA, MiLoRA, LoRA+"
+    formula = "W x + s·B A x; A, B"
     supported_layers = (LINEAR, HF_CONV1D, CONV1D, CONV2D, EMBEDDING)
     default_targets = LORA_DEFAULT_TARGETS
 
