@@ -29,20 +29,35 @@ from .core.errors import (
     TargetError,
 )
 from .core.model import active_names, adapter_names
-from .core.registry import METHODS, get_method, register
+from .core.registry import METHODS, get_method, method_table, register
 from .core.state import load, save
 from .core.summary import summary
+from .methods.bottleneck import Bottleneck
+from .methods.dora import DoRA
+from .methods.ia3 import IA3
 from .methods.lora import LoRA, lora_plus_param_groups
+from .methods.oft import OFT
+from .methods.prompt import PromptTuning
+from .methods.selection import BitFit, LayerNormTuning
+from .methods.sparse import SparseFT, fish_scores
 
 __all__ = [
+    "IA3",
     "METHODS",
+    "OFT",
     "AdapterConfig",
     "AdapterLoadError",
     "AdapterNotFoundError",
+    "BitFit",
+    "Bottleneck",
     "ConfigError",
+    "DoRA",
+    "LayerNormTuning",
     "LoRA",
     "NotMergeableError",
     "PeftkitError",
+    "PromptTuning",
+    "SparseFT",
     "TargetError",
     "activate",
     "active_names",
@@ -51,11 +66,13 @@ __all__ = [
     "attach",
     "delete",
     "disabled",
+    "fish_scores",
     "get_adapter",
     "get_method",
     "load",
     "lora_plus_param_groups",
     "merge",
+    "method_table",
     "mixed_batch",
     "register",
     "save",
