@@ -18,6 +18,8 @@ that wraps the layer calls the hooks below; a method overrides only those it nee
   (``unmergeable_reason`` says why); ``supports_mixed_batch = False`` those whose rows
   cannot share a batch with other adapters' rows.
 * ``on_attach(model, site)`` / ``on_detach()`` — model-level hooks (prompt tuning).
+* ``fused_forward(x, site)`` — optional: the adapted output in one fused step when the adapter
+  runs alone on the site (LoRA on linear layers: one autograd node for base + low-rank path).
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ class AdapterModule(nn.Module):
 
     def adapt_output(self, x: torch.Tensor, y: Any, base_out: Any, site: AdapterSite) -> Any:
         return y
+
+    def fused_forward(self, x: torch.Tensor, site: AdapterSite) -> torch.Tensor | None:
+        """Optional fast path when this adapter is the only one running on the site: the whole adapted
+        output from ``x`` in one step (base included), or None to use the general pipeline."""
+        return None
 
     # -- merging ---------------------------------------------------------------------
     def delta_weight(self, base: nn.Module) -> torch.Tensor:

@@ -77,6 +77,9 @@ class DoRALayer(LoRALayer):
     #: LoRA's batched mixed-batch product does not apply: the site calls adapt_output per group of rows
     gathered_output = None
 
+    def fused_forward(self, x: torch.Tensor, site: Any) -> torch.Tensor | None:
+        return None  # the magnitude rescaling needs the base output on its own
+
     def __init__(self, config: DoRA, base: nn.Module, module_name: str) -> None:
         super().__init__(config, base, module_name)
         with torch.no_grad():

@@ -42,6 +42,14 @@ from ..core.config import AdapterConfig, pattern_value, positive_int, probabilit
 from ..core.errors import ConfigError
 from ..core.layers import CONV1D, CONV2D, EMBEDDING, HF_CONV1D, LINEAR, layer_info, layer_kind
 from ..core.registry import register
+from .lora_fused import FusedLoRALinear
+
+try:
+    from transformers.pytorch_utils import Conv1D as _HFConv1D
+
+    _HF_CONV1D_FORWARD = _HFConv1D.forward
+except Exception:  # pragma: no cover - transformers is optional
+    _HF_CONV1D_FORWARD = None
 
 LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
     "llama": ["q_proj", "v_proj"],
@@ -207,6 +215,19 @@ class LoRALayer(AdapterModule):
             delta = conv(h, B) * self.scaling
             return y + delta.to(y.dtype)
         return _add_scaled(y, F.linear(x, A), B, self.scaling)
+
+    def fused_forward(self, x: torch.Tensor, site: Any) -> torch.Tensor | None:
+        """Base + low-rank path as one autograd node (:mod:`peftkit.methods.lora_fused`) for a plain
+        linear layer with the adapter's dtype and no active dropout; None otherwise."""
+        base = site.base
+        if type(base) is not nn.Linear and not (self.kind == HF_CONV1D and type(base).forward is _HF_CONV1D_FORWARD):
+            return None
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            return None
+        A = self.lora_A
+        if x.dtype != A.dtype or base.weight.dtype != A.dtype or x.device != A.device:
+            return None
+        return FusedLoRALinear.apply(x, base.weight, base.bias, A, self.lora_B, self.scaling, self.kind == HF_CONV1D)
 
     # -- merging ---------------------------------------------------------------------
     def delta_matrix(self) -> torch.Tensor:

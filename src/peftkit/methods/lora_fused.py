@@ -1,0 +1,56 @@
+"""The fused LoRA linear: ``y = x Wᵀ + b + s·(x Aᵀ) Bᵀ`` as one autograd node.
+
+Composing the base layer and the low-rank path from separate ops costs, per layer and step,
+a scale and an add over the ``(tokens × out)`` output in the forward, and a scale over the
+output gradient plus an add over the ``(tokens × in)`` input gradient in the backward. Here
+the low-rank product is accumulated into the base output buffer (``addmm_``) and, in the
+backward, into the base input gradient:
+
+    ∂x = g W + s (g B) A        ∂A = s (g B)ᵀ x        ∂B = s gᵀ (x Aᵀ)
+
+Saved for backward: ``x`` (which the base layer keeps anyway), ``h = x Aᵀ`` (tokens × r) and
+the weights. The frozen ``W`` and ``b`` get gradients only if they require them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class FusedLoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                b: torch.Tensor, scaling: float, transposed: bool) -> torch.Tensor:
+        # ``weight`` is (out, in), or (in, out) when ``transposed`` (transformers' Conv1D)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        wt = weight if transposed else weight.t()
+        y = torch.addmm(bias, x2, wt) if bias is not None else torch.mm(x2, wt)
+        h = torch.mm(x2, a.t())
+        y.addmm_(h, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, h, weight, a, b)
+        ctx.scaling, ctx.transposed, ctx.shape, ctx.has_bias = scaling, transposed, shape, bias is not None
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
+        x2, h, weight, a, b = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1])
+        gb = torch.mm(g, b)  # (tokens, r)
+        dx = dw = dbias = da = dbb = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mm(g, weight.t() if ctx.transposed else weight)
+            dx.addmm_(gb, a, alpha=s)
+            dx = dx.view(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            dw = torch.mm(x2.t(), g) if ctx.transposed else torch.mm(g.t(), x2)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = g.sum(0)
+        if ctx.needs_input_grad[3]:
+            da = torch.mm(gb.t(), x2).mul_(s)
+        if ctx.needs_input_grad[4]:
+            dbb = torch.mm(g.t(), h).mul_(s)
+        return dx, dw, dbias, da, dbb, None, None
