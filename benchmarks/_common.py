@@ -1,0 +1,115 @@
+"""Shared pieces of the benchmarks: the real model, fixed inputs, alternating timers, memory probes.
+
+Every benchmark compares peftkit with ``peft`` (or with itself) in one process, alternating
+the two sides step by step so that drift in machine load hits both equally, and reports the
+median time ratio.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def setup(threads: int = 2, seed: int = 0) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+
+
+_BASE: dict[str, Any] = {}
+
+
+def base_model(alias: str = "smollm2-135m"):
+    """A fresh copy of the real model (loaded once per process, then deep-copied)."""
+    from peftkit.hub.models import load_causal_lm
+
+    if alias not in _BASE:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        model, _tok = load_causal_lm(alias)
+        model.config.use_cache = False
+        _BASE[alias] = model.eval()
+    return copy.deepcopy(_BASE[alias])
+
+
+def token_batch(rows: int, length: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def train_step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One optimizer step (forward, loss, backward, AdamW update) on ``batch``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+
+    def step() -> None:
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def alternate(fns: dict[str, Callable[[], Any]], steps: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Run the functions in turn ``steps`` times each (after ``warmup`` rounds); seconds per call."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(warmup + steps):
+        order = list(fns) if i % 2 == 0 else list(fns)[::-1]
+        for k in order:
+            gc.collect()
+            t0 = time.perf_counter()
+            fns[k]()
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times[k].append(dt)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def saved_activation_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of the tensors autograd keeps for backward during ``fn`` (a deterministic memory measure).
+
+    Tensors are deduplicated by storage, so a tensor saved by two nodes counts once.
+    """
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def report(title: str, rows: list[tuple[str, str]]) -> None:
+    print(f"\n== {title}")
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{w}}  {v}")
