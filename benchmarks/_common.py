@@ -113,3 +113,20 @@ def report(title: str, rows: list[tuple[str, str]]) -> None:
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{w}}  {v}")
+
+
+def cli(doc: str, run: Callable[..., dict[str, float]], title: str, **counts: int) -> None:
+    """The shared command line of a benchmark script: ``--<count> N`` options, ``--json PATH``; prints the figures."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, default in counts.items():
+        ap.add_argument(f"--{name}", type=int, default=default)
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    a = ap.parse_args()
+    res = run(**{k: getattr(a, k) for k in counts})
+    report(title, [(k, f"{v:.4f}") for k, v in res.items()])
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)

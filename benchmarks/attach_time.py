@@ -8,8 +8,6 @@ copy is not timed); trials alternate between the two libraries.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import _common as C
@@ -39,15 +37,7 @@ def run(trials: int = 7) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=7)
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
-    res = run(a.trials)
-    C.report("attach time, SmolLM2-135M LoRA r=16 all block linears", [(k, f"{v:.4f}") for k, v in res.items()])
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+    C.cli(__doc__, run, "attach time, SmolLM2-135M LoRA r=16 all block linears", trials=7)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,6 @@ models' steps alternate in one process.
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import _common as C
 from lora_step import peft_model, peftkit_model
 
@@ -33,17 +30,7 @@ def run(steps: int = 8, with_peft: bool = True) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--no-peft", action="store_true", help="only peftkit's DoRA and LoRA")
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
-    res = run(a.steps, not a.no_peft)
-    C.report("DoRA step vs LoRA step, SmolLM2-135M r=16 all block linears, batch 4x128",
-             [(k, f"{v:.4f}") for k, v in res.items()])
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+    C.cli(__doc__, run, "DoRA step vs LoRA step, SmolLM2-135M r=16 all block linears, batch 4x128", steps=8)
 
 
 if __name__ == "__main__":

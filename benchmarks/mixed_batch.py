@@ -12,9 +12,6 @@ row i uses adapter i mod 8. Forward passes under ``torch.no_grad`` (inference), 
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import _common as C
 import torch
 
@@ -75,16 +72,7 @@ def run(steps: int = 10) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
-    res = run(a.steps)
-    C.report(f"mixed batch {ROWS}x{LENGTH} over {N_ADAPTERS} LoRA adapters, SmolLM2-135M r=16",
-             [(k, f"{v:.4f}") for k, v in res.items()])
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+    C.cli(__doc__, run, f"mixed batch {ROWS}x{LENGTH} over {N_ADAPTERS} LoRA adapters, SmolLM2-135M r=16", steps=10)
 
 
 if __name__ == "__main__":

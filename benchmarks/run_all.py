@@ -67,7 +67,25 @@ def main() -> None:
         "seconds": round(time.time() - t0, 1),
     }
     Path(a.out).write_text(json.dumps(results, indent=2))
-    print(f"\nall targets met: {ok_all}; results written to {a.out}")
+    print(f"\nall targets met: {ok_all}; results written to {a.out}\n")
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    """The README's benchmark table from a results dict."""
+    lines = ["| check | measured | target |", "| --- | --- | --- |"]
+    for label, group, key, target in CHECKS:
+        lines.append(f"| {label} | {results[group][key]:.3f} | ≤ {target:.2f} |")
+    lo, do, mi, at = results["lora"], results["dora"], results["mixed"], results["attach"]
+    lines += [
+        "",
+        f"Absolute: LoRA step {lo['peftkit_step_s']:.2f} s (peft {lo['peft_step_s']:.2f} s), peak RSS "
+        f"{lo['peak_rss_mb_peftkit']:.0f} MB (peft {lo['peak_rss_mb_peft']:.0f} MB); DoRA step "
+        f"{do['peftkit_dora_step_s']:.2f} s (peft DoRA {do.get('peft_dora_step_s', float('nan')):.2f} s); mixed batch "
+        f"{mi['mixed_s']:.3f} s vs single adapter {mi['single_s']:.3f} s and peft {mi['peft_mixed_s']:.3f} s; attach "
+        f"{at['peftkit_attach_s']:.2f} s vs get_peft_model {at['peft_get_peft_model_s']:.2f} s.",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

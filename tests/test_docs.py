@@ -21,3 +21,11 @@ def test_every_registered_method_is_documented():
         assert cls.family and cls.paper and cls.formula, f"{name}: set family, paper and formula on {cls.__name__}"
         assert cls.__doc__ and len(cls.__doc__) > 40, name
         assert getattr(peftkit, cls.__name__) is cls, f"peftkit.{cls.__name__} is not exported"
+
+
+def test_method_table_merge_column_agrees_with_the_contract_cases():
+    from .cases import all_cases
+
+    for case in all_cases():
+        cfg = case.config()
+        assert type(cfg).mergeable == case.mergeable, f"{case.id}: {type(cfg).__name__}.mergeable disagrees with its case"

@@ -1,0 +1,100 @@
+"""Multi-process training helpers (``torchrun``): process group, DDP wrapping, batch sharding.
+
+Choices:
+
+* ``TrainConfig.batch_size`` is the per-rank batch. The collate function is called with
+  ``batch_size × world_size`` so every rank builds the same *global* batches (same examples, same
+  seed, same padding); rank ``r`` takes the ``r``-th contiguous slice of every global batch.
+  DDP averages the gradients of the ranks, so with equal-sized shards the update equals that of
+  one process on the global batch when the loss is a mean over examples (or over tokens with
+  the same number of label tokens per shard).
+* The model is wrapped in ``DistributedDataParallel`` with ``find_unused_parameters=False``; DDP
+  registers only parameters with ``requires_grad``, so only the adapter (and the ``trainable_extra``
+  modules) are all-reduced; frozen base weights are never communicated after the initial broadcast.
+* Rank 0 writes every output; the other ranks wait at barriers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(model: nn.Module) -> DistInfo:
+    """Initialise the process group when launched with ``WORLD_SIZE`` > 1 (gloo on CPU, nccl on GPU).
+
+    Nothing happens for a single process. An already initialised group is used as it is.
+    """
+    if not dist.is_available():
+        return DistInfo()
+    if not dist.is_initialized():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return DistInfo()
+        on_gpu = any(p.is_cuda for p in model.parameters())
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if on_gpu:
+            torch.cuda.set_device(local)
+            model.to(torch.device("cuda", local))
+        dist.init_process_group(backend="nccl" if on_gpu else "gloo")
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return info
+
+
+def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
+    """``DistributedDataParallel(model)`` over the trainable parameters, or ``model`` itself for one process."""
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [info.local_rank] if any(p.is_cuda for p in model.parameters()) else None
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
+
+
+def shard(batch: dict[str, torch.Tensor], info: DistInfo) -> dict[str, torch.Tensor] | None:
+    """This rank's contiguous slice of a global batch; ``None`` when the batch has fewer rows than ranks."""
+    if not info.enabled:
+        return batch
+    rows = next(iter(batch.values())).shape[0]
+    if rows < info.world_size:
+        return None
+    return {k: (v.tensor_split(info.world_size)[info.rank] if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def mean_across(value: float, info: DistInfo) -> float:
+    """The mean of a float over ranks (the value itself for one process)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t.item()) / info.world_size
+
+
+def sum_across(value: float, info: DistInfo) -> float:
+    return mean_across(value, info) * info.world_size

@@ -1,0 +1,372 @@
+"""The training loop: :func:`train` fits the trainable parameters of a model that carries adapters.
+
+One optimizer step = ``grad_accum`` micro-batches; the loss of each micro-batch is divided by the
+number of micro-batches in the step (the mean of micro-batch losses), so ``grad_accum=2`` with batch
+``b`` gives the same gradient as one batch ``2b`` when every micro-batch holds the same number of
+loss tokens. Then: gradient clipping (``max_grad_norm``), AdamW, the lr schedule.
+
+The data position is ``(epoch, index of the next micro-batch)``; the batches of epoch ``e`` are
+``collate(train_examples, batch_size × world_size, True, seed + e)``, so a resumed run rebuilds the
+same batches and skips to the position. With the RNG states, optimizer, scheduler and adapter
+tensors restored from the checkpoint, a resumed run is bit-for-bit the run it continues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.api import adapter_parameters
+from ..core.errors import ConfigError, did_you_mean
+from . import checkpoint, distributed, report
+from .config import TrainConfig
+from .schedule import make_scheduler
+
+Batch = dict[str, torch.Tensor]
+Collate = Callable[[Sequence[Any], int, bool, int], list[Batch]]
+Evaluate = Callable[[nn.Module, list[Batch]], dict[str, float]]
+
+
+def train(model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], eval_examples: Sequence[Any] | None = None,
+          collate: Collate | None = None, evaluate: Evaluate | None = None, trainable_extra: Sequence[str] = (),
+          pad_id: int = 0, callback: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train the adapter(s) attached to ``model`` (and the ``trainable_extra`` modules); return the final metrics.
+
+    Args:
+        model: a model with adapters attached (``peftkit.attach``); called as ``model(**batch)``, it must
+            return an object or dict with a ``loss`` (transformers models do when the batch has ``labels``).
+        config: the :class:`TrainConfig`; ``config.output`` receives every output.
+        train_examples, eval_examples: examples in whatever form ``collate`` takes.
+        collate: ``collate(examples, batch_size, shuffle, seed) -> list[dict[str, Tensor]]``, the batches of
+            one pass over ``examples``; it must be deterministic given its arguments. Training calls it
+            once per epoch with ``shuffle=True, seed=config.seed + epoch`` and ``batch_size`` = the global
+            batch (per-rank batch × world size); evaluation with ``shuffle=False``. Default:
+            ``peftkit.data.batches`` with ``pad_id``.
+        evaluate: ``evaluate(model, eval_batches) -> {name: value}``, run under ``torch.no_grad`` in eval
+            mode; names without the ``eval_`` prefix get it. Default: token-weighted mean loss
+            (``eval_loss``) and ``eval_perplexity``.
+        trainable_extra: names of modules trained alongside the adapter (e.g. ``"classifier"``); their
+            parameters are unfrozen, checkpointed and saved to ``OUTPUT/adapter/extra.safetensors``
+            (reload with :func:`peftkit.train.load_extra`).
+        pad_id: padding token id for the default collate.
+        callback: ``callback(step, logs)`` after every optimizer step (``logs``: loss, lr, grad_norm and
+            the eval metrics when evaluated at that step). Raising ``KeyboardInterrupt`` there behaves as Ctrl-C.
+
+    Outputs: ``metrics.jsonl`` (a line per log and per evaluation), ``metrics.json``, ``report.md``,
+    ``curves.png`` (needs matplotlib), ``adapter/`` (the best adapter by ``config.metric`` when there is
+    evaluation data, else the final one) and ``checkpoint/`` (every ``save_every`` steps and on Ctrl-C).
+    Under ``torchrun`` only rank 0 writes. Ctrl-C saves a checkpoint and returns with ``interrupted=True``.
+    """
+    config.validate()
+    info = distributed.setup(model)
+    output = Path(config.output)
+    extra = _unfreeze_extra(model, trainable_extra)
+    params = [p for p in adapter_parameters(model).values() if p.requires_grad] + list(extra.values())
+    if not params:
+        raise ConfigError("nothing to train: the model has no trainable adapter parameters (attach an adapter first)")
+    if config.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    if collate is None:
+        collate = _default_collate(pad_id)
+    device = next(model.parameters()).device
+    global_batch = config.batch_size * info.world_size
+    n_batches = len(collate(train_examples, global_batch, True, config.seed))
+    if n_batches == 0:
+        raise ConfigError("no training batches: the training data is empty")
+    steps_per_epoch = math.ceil(n_batches / config.grad_accum)
+    total = config.max_steps or config.epochs * steps_per_epoch
+    optimizer = _optimizer(model, config, params, list(extra.values()))
+    scheduler = make_scheduler(optimizer, config.schedule, config.warmup, total)
+
+    s: dict[str, Any] = {"step": 0, "epoch": 0, "pos": 0, "history": [], "best": None, "best_step": None,
+                         "bad_evals": 0, "train_seconds": 0.0, "tokens": 0, "stopped_early": False,
+                         "window": [0.0, 0, 0]}  # train loss sum, steps and tokens since the last log line
+    best_tensors: dict[str, torch.Tensor] | None = None
+    ckpt = checkpoint.find(output) if config.resume else None
+    if config.resume and ckpt is None and info.is_main:
+        warnings.warn(f"resume: no checkpoint in {output}; starting from scratch", stacklevel=2)
+    if ckpt is not None:
+        _check_resumable(ckpt, config, info)
+        loaded = checkpoint.load(ckpt, model, extra, optimizer, scheduler)
+        rng = loaded.pop("rng")
+        s.update({k: v for k, v in loaded.items() if k in s})
+        if (ckpt / "best.safetensors").is_file():
+            best_tensors = checkpoint.read_safetensors(ckpt / "best.safetensors")
+        checkpoint.restore_rng(rng)
+    else:
+        random.seed(config.seed)
+        np.random.seed(config.seed % 2**32)
+        torch.manual_seed(config.seed)
+    if info.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        report.rewrite_jsonl(output / "metrics.jsonl", s["history"])
+
+    eval_batches = collate(eval_examples, config.batch_size, False, config.seed) if eval_examples else None
+    net = distributed.wrap(model, info)
+    was_training = model.training
+    model.train()
+    show = config.progress if config.progress is not None else sys.stderr.isatty()
+    bar = report.Progress(total, s["step"], show and info.is_main, config.log_every)
+    resume_point = {"epoch": s["epoch"], "pos": s["pos"], "rng": checkpoint.capture_rng()}
+    epoch_batches: tuple[int, list[Batch]] | None = None
+    window_start = time.monotonic()
+    evals = [r["step"] for r in s["history"] if any(k.startswith("eval_") for k in r)]
+    last_eval_step = evals[-1] if evals else None
+    start = time.monotonic()
+    interrupted = False
+
+    def save_checkpoint() -> None:
+        state = {k: v for k, v in s.items()}
+        state.update(epoch=resume_point["epoch"], pos=resume_point["pos"], config=config.to_dict(),
+                     world_size=info.world_size)
+        if info.is_main:
+            state["train_seconds"] = s["train_seconds"] + time.monotonic() - start
+            checkpoint.save(output, model, extra, optimizer, scheduler, state, resume_point["rng"], best_tensors)
+
+    def run_eval() -> dict[str, float]:
+        nonlocal best_tensors, last_eval_step
+        metrics = _evaluate(model, eval_batches, evaluate, device)
+        model.train()
+        last_eval_step = s["step"]
+        value = metrics.get(config.metric)
+        if value is None:
+            raise ConfigError(f"metric {config.metric!r} is not among the eval metrics"
+                              f"{did_you_mean(config.metric, metrics)}: {', '.join(metrics)}")
+        better = s["best"] is None or (value < s["best"] if config.lower_is_better else value > s["best"])
+        if better:
+            s.update(best=value, best_step=s["step"], bad_evals=0)
+            best_tensors = {k: v.detach().clone() for k, v in checkpoint.trained_tensors(model, extra).items()}
+        else:
+            s["bad_evals"] += 1
+        _log(s, info, output, {"step": s["step"], **metrics})
+        return metrics
+
+    try:
+        while s["step"] < total and not s["stopped_early"]:
+            if epoch_batches is None or epoch_batches[0] != s["epoch"]:
+                epoch_batches = (s["epoch"], collate(train_examples, global_batch, True, config.seed + s["epoch"]))
+            batches = epoch_batches[1]
+            end = min(s["pos"] + config.grad_accum, len(batches))
+            micro = [distributed.shard(batches[i], info) for i in range(s["pos"], end)]
+            micro = [_to_device(b, device) for b in micro if b is not None]
+            loss_sum, tokens = 0.0, 0
+            for i, b in enumerate(micro):
+                sync = contextlib.nullcontext() if not info.enabled or i == len(micro) - 1 else net.no_sync()
+                with sync:
+                    loss = _loss(net(**b))
+                    (loss / len(micro)).backward()
+                loss_sum += loss.item()
+                tokens += _count_tokens(b)
+            if config.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            else:
+                grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+            lr = optimizer.param_groups[0]["lr"]
+            if micro:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            s["step"] += 1
+            s["pos"] = end
+            if end >= len(batches):
+                s["epoch"], s["pos"] = s["epoch"] + 1, 0
+            resume_point = {"epoch": s["epoch"], "pos": s["pos"], "rng": checkpoint.capture_rng()}
+            step_loss = loss_sum / max(1, len(micro))
+            s["tokens"] += tokens * info.world_size
+            w = s["window"]
+            w[0], w[1], w[2] = w[0] + step_loss, w[1] + 1, w[2] + tokens
+            tok_s = w[2] * info.world_size / max(1e-9, time.monotonic() - window_start)
+            logs = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm}
+            if s["step"] % config.log_every == 0 or s["step"] == total:
+                _log(s, info, output, {"step": s["step"], "epoch": round(s["epoch"] + s["pos"] / len(batches), 4),
+                                       "loss": distributed.mean_across(w[0] / w[1], info),
+                                       "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(tok_s, 1)})
+                s["window"], window_start = [0.0, 0, 0], time.monotonic()
+            if eval_batches is not None and config.eval_every and s["step"] % config.eval_every == 0:
+                logs.update(run_eval())
+                patience = config.early_stopping_patience
+                s["stopped_early"] = patience is not None and s["bad_evals"] >= patience
+            if config.save_every and s["step"] % config.save_every == 0:
+                save_checkpoint()
+                distributed.barrier(info)
+            bar.update(s["step"], step_loss, tok_s)
+            if callback is not None:
+                callback(s["step"], logs)
+    except KeyboardInterrupt:
+        interrupted = True
+        optimizer.zero_grad(set_to_none=True)
+        if info.is_main:
+            print(f"\ninterrupted: checkpoint saved in {output / checkpoint.CHECKPOINT} "
+                  "(continue with resume=True / --resume)", file=sys.stderr)
+        save_checkpoint()
+    finally:
+        bar.close()
+    s["train_seconds"] += time.monotonic() - start
+    if not interrupted:
+        if eval_batches is not None and last_eval_step != s["step"]:
+            run_eval()
+        if config.save_every and s["step"] % config.save_every != 0:
+            save_checkpoint()
+    last_eval = next((r for r in reversed(s["history"]) if config.metric in r), None)
+    if not interrupted and best_tensors is not None and s["best_step"] != s["step"]:
+        checkpoint.restore_trained(model, extra, best_tensors, "best adapter")
+        last_eval = next(r for r in s["history"] if config.metric in r and r["step"] == s["best_step"])
+    metrics = _final_metrics(s, config, params, device, last_eval, interrupted)
+    if info.is_main:
+        _write_outputs(model, extra, output, metrics, config, s["history"])
+    distributed.barrier(info)
+    model.train(was_training)
+    return metrics
+
+
+RESUME_KEYS = ("batch_size", "grad_accum", "seed", "schedule", "warmup", "lr", "max_steps", "epochs")
+
+
+def _check_resumable(ckpt: Path, config: TrainConfig, info: distributed.DistInfo) -> None:
+    """A checkpoint continues bit-for-bit only with the same data order and schedule: refuse other settings."""
+    saved = checkpoint.read_json(ckpt / "state.json")
+    old = saved.get("config", {})
+    changed = [f"{k}: {old[k]!r} -> {getattr(config, k)!r}" for k in RESUME_KEYS if k in old and old[k] != getattr(config, k)]
+    if saved.get("world_size", 1) != info.world_size:
+        changed.append(f"world size: {saved.get('world_size', 1)} -> {info.world_size}")
+    if changed:
+        raise ConfigError(f"resume: {ckpt} was written with other settings ({'; '.join(changed)}); "
+                          "use the same settings or another output directory")
+
+
+def _final_metrics(s: dict[str, Any], config: TrainConfig, params: list[nn.Parameter], device: torch.device,
+                   last_eval: dict[str, Any] | None, interrupted: bool) -> dict[str, Any]:
+    train_logs = [r for r in s["history"] if "loss" in r]
+    metrics: dict[str, Any] = {
+        "steps": s["step"],
+        "epochs": round(next((r["epoch"] for r in reversed(train_logs)), float(s["epoch"])), 4),
+        "train_loss": train_logs[-1]["loss"] if train_logs else None,
+        "train_seconds": round(s["train_seconds"], 3),
+        "tokens_per_s": round(s["tokens"] / max(1e-9, s["train_seconds"]), 1),
+        "peak_memory_mb": round(report.peak_memory_mb(device), 1),
+        "trainable_params": sum(p.numel() for p in params),
+    }
+    if last_eval is not None:
+        metrics.update({k: v for k, v in last_eval.items() if k != "step"})
+        metrics.update(best_step=s["best_step"], best_metric=s["best"], stopped_early=s["stopped_early"])
+    metrics["interrupted"] = interrupted
+    return metrics
+
+
+def _write_outputs(model: nn.Module, extra: dict[str, nn.Parameter], output: Path, metrics: dict[str, Any],
+                   config: TrainConfig, history: list[dict[str, Any]]) -> None:
+    import peftkit
+
+    from ..core.model import adapter_names
+
+    if adapter_names(model):
+        peftkit.save(model, output / "adapter")
+    checkpoint.write_files(checkpoint.save_extra(extra, output / "adapter"))
+    report.write_metrics_json(output / "metrics.json", metrics)
+    report.plot_curves(output / "curves.png", history, config.metric)
+    report.write_report(output / "report.md", metrics, config.to_dict(), history)
+
+
+def _log(s: dict[str, Any], info: distributed.DistInfo, output: Path, record: dict[str, Any]) -> None:
+    s["history"].append(record)
+    if info.is_main:
+        report.append_jsonl(output / "metrics.jsonl", record)
+
+
+def _unfreeze_extra(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Parameter]:
+    modules = dict(model.named_modules())
+    out: dict[str, nn.Parameter] = {}
+    for name in names:
+        if name not in modules:
+            raise ConfigError(f"trainable_extra: no module named {name!r} in {type(model).__name__}"
+                              f"{did_you_mean(name, [n for n in modules if n])}")
+        for pname, p in modules[name].named_parameters():
+            p.requires_grad_(True)
+            out[f"{name}.{pname}"] = p
+    return out
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing: gradients reach adapters even though the inputs need none."""
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        raise ConfigError(f"gradient_checkpointing: {type(model).__name__} has no gradient_checkpointing_enable() "
+                          "(a transformers model is needed)")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "use_cache", False):
+        cfg.use_cache = False
+
+
+def _optimizer(model: nn.Module, config: TrainConfig, params: list[nn.Parameter],
+               extra: list[nn.Parameter]) -> torch.optim.AdamW:
+    if config.loraplus_ratio is not None:
+        from ..methods.lora import lora_plus_param_groups
+
+        groups = lora_plus_param_groups(model, config.lr, config.loraplus_ratio, config.weight_decay)
+        if extra:
+            groups.append({"params": extra, "lr": config.lr, "weight_decay": config.weight_decay})
+    else:
+        groups = [{"params": params}]
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _default_collate(pad_id: int) -> Collate:
+    from ..data import batches  # type: ignore[attr-defined]
+
+    def collate(examples: Sequence[Any], batch_size: int, shuffle: bool, seed: int) -> list[Batch]:
+        return batches(examples, batch_size, pad_id=pad_id, shuffle=shuffle, seed=seed)
+
+    return collate
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _loss(out: Any) -> torch.Tensor:
+    loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+    if loss is None:
+        raise ConfigError("the model returned no loss: the batches need 'labels' (or the model must return a loss)")
+    return loss
+
+
+def _count_tokens(batch: Batch) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    first = next((v for v in batch.values() if torch.is_tensor(v)), None)
+    return int(first.numel()) if first is not None else 0
+
+
+def default_evaluate(model: nn.Module, batches: list[Batch]) -> dict[str, float]:
+    """Mean loss weighted by loss tokens (shifted labels != -100 for token labels, rows otherwise) and its exp."""
+    total, weight = 0.0, 0
+    for b in batches:
+        labels = b.get("labels")
+        if labels is None:
+            n = 1
+        elif labels.ndim > 1:
+            n = int((labels[..., 1:] != -100).sum())
+        else:
+            n = labels.shape[0]
+        total += _loss(model(**b)).item() * n
+        weight += n
+    loss = total / max(1, weight)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def _evaluate(model: nn.Module, batches: list[Batch], evaluate: Evaluate | None, device: torch.device) -> dict[str, float]:
+    model.eval()
+    with torch.no_grad():
+        raw = (evaluate or default_evaluate)(model, [_to_device(b, device) for b in batches])
+    return {(k if k.startswith("eval_") else f"eval_{k}"): float(v) for k, v in raw.items()}
