@@ -1,7 +1,8 @@
 # peftkit developer commands. `make test` and `make quickstart` create .venv on first use.
 #
 #   make test         install into .venv and run the test suite (what CI runs)
-#   make quickstart   install into .venv and run the main job (LoRA on SmolLM2-135M)
+#   make demo         install into .venv and run the main job: `peftkit demo` (LoRA on SmolLM2-135M)
+#   make quickstart   the Python-API version of the demo (examples/quickstart.py)
 #   make bench        run the benchmarks against peft (benchmarks/run_all.py)
 #   make lint         ruff
 #
@@ -17,7 +18,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test quickstart bench lint clean
+.PHONY: install test demo quickstart bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/peftkit demo
+
 quickstart: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python examples/quickstart.py
 
@@ -41,7 +45,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run_all.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples tools
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -87,16 +87,21 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def saved_activation_bytes(fn: Callable[[], Any]) -> int:
-    """Bytes of the tensors autograd keeps for backward during ``fn`` (a deterministic memory measure).
+def saved_activation_bytes(fn: Callable[[], Any], model: torch.nn.Module | None = None) -> int:
+    """Bytes of the activations autograd keeps for backward during ``fn`` (a deterministic memory measure).
 
-    Tensors are deduplicated by storage, so a tensor saved by two nodes counts once.
+    Tensors are deduplicated by storage, so a tensor saved by two nodes counts once; the storages
+    of ``model``'s parameters and buffers (resident anyway) are not counted.
     """
     seen: dict[int, int] = {}
+    resident = set()
+    if model is not None:
+        resident = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
+        if st.data_ptr() not in resident:
+            seen[st.data_ptr()] = st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -3,7 +3,7 @@
 r=16, alpha=32 on every linear layer of the blocks (q/k/v/o/gate/up/down), batch 4×128,
 AdamW, 2 threads. Steps alternate between the two models in one process; the figure is the
 ratio of median step times. Memory: the bytes autograd saves for backward during one step
-(deterministic), and the peak resident memory of a separate process per library doing the
+(deterministic; parameters excluded), and the peak resident memory of a separate process per library doing the
 same steps.
 
     python benchmarks/lora_step.py [--steps 10] [--json out.json]
@@ -64,7 +64,7 @@ def run(steps: int = 10, method: str = "lora") -> dict[str, float]:
     saved = {}
     for lib, m in models.items():
         m.train()
-        saved[lib] = C.saved_activation_bytes(lambda m=m: m(**batch).loss)
+        saved[lib] = C.saved_activation_bytes(lambda m=m: m(**batch).loss, m)
     rss = {lib: peak_rss(lib, method) for lib in BUILDERS}
     res = {
         "peftkit_step_s": C.median(times["peftkit"]),

@@ -31,20 +31,23 @@ def summary(model: nn.Module) -> Table:
     base_total = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids)
     other_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids)
     header = ("adapter", "method", "modules", "targets", "params", "trainable")
-    lines_data = [header, *rows]
     pct = []
     for r in rows:
         n = int(r[4].replace(",", ""))
         pct.append(f"{100.0 * n / max(base_total, 1):.4f}%")
-    lines_data = [(*header, "% of base")] + [(*r, p) for r, p in zip(rows, pct, strict=True)]
-    widths = [max(len(r[i]) for r in lines_data) for i in range(len(lines_data[0]))]
-    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-    out = [fmt(lines_data[0]), "  ".join("-" * w for w in widths)]
-    out += [fmt(r) for r in lines_data[1:]]
+    out = [format_table((*header, "% of base"), [(*r, p) for r, p in zip(rows, pct, strict=True)])]
     out.append(f"base model: {type(model).__name__}, {base_total:,} parameters"
                + (f" ({other_trainable:,} non-adapter parameters trainable)" if other_trainable else ""))
     out.append(f"active: {', '.join(active_names(model)) or 'none'}")
     return Table("\n".join(out))
+
+
+def format_table(header: tuple[str, ...] | list[str], rows: list) -> Table:
+    """A plain-text table: the header, a rule, one line per row; columns padded to their widest cell."""
+    data = [tuple(header), *[tuple(str(c) for c in r) for r in rows]]
+    widths = [max(len(r[i]) for r in data) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+    return Table("\n".join([fmt(data[0]), "  ".join("-" * w for w in widths), *[fmt(r) for r in data[1:]]]))
 
 
 def _short_targets(paths: list[str]) -> str:

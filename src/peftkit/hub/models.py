@@ -71,4 +71,16 @@ def load_encoder(alias_or_path: str = "minilm-l6", num_labels: int | None = None
     tok = AutoTokenizer.from_pretrained(d)
     if num_labels is None:
         return AutoModel.from_pretrained(d), tok
-    return AutoModelForSequenceClassification.from_pretrained(d, num_labels=num_labels), tok
+    # a checkpoint with another label count gets a fresh head of the right size
+    return AutoModelForSequenceClassification.from_pretrained(d, num_labels=num_labels, ignore_mismatched_sizes=True), tok
+
+
+def load_tokenizer(alias_or_path: str):
+    """The tokenizer of a model alias or local directory (without loading the model)."""
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if alias_or_path in ALIASES:
+        d, gguf = alias_dir(alias_or_path)
+        return AutoTokenizer.from_pretrained(d, **({"gguf_file": gguf} if gguf else {}))
+    return AutoTokenizer.from_pretrained(Path(alias_or_path))

@@ -30,13 +30,14 @@ class FusedLoRALinear(torch.autograd.Function):
         y = torch.addmm(bias, x2, wt) if bias is not None else torch.mm(x2, wt)
         h = torch.mm(x2, a.t())
         y.addmm_(h, b.t(), alpha=scaling)
-        ctx.save_for_backward(x2, h, weight, a, b)
+        ctx.save_for_backward(x, h, weight, a, b)  # x itself: a reshaped copy would be kept in addition
         ctx.scaling, ctx.transposed, ctx.shape, ctx.has_bias = scaling, transposed, shape, bias is not None
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
-        x2, h, weight, a, b = ctx.saved_tensors
+        x, h, weight, a, b = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
         s = ctx.scaling
         g = grad.reshape(-1, grad.shape[-1])
         gb = torch.mm(g, b)  # (tokens, r)

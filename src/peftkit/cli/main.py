@@ -1,0 +1,101 @@
+"""``peftkit`` — train, evaluate, chat with and inspect adapters from the command line.
+
+    peftkit train [config.yaml] --model smollm2-135m --task causal-lm --method lora --r 16 --data train.jsonl --output out
+    peftkit eval out/adapter --data test.jsonl
+    peftkit generate --adapter out/adapter --prompt "Reverse: red cat"
+    peftkit info out/adapter
+    peftkit demo
+
+Bad input (an unknown method, option, column or file) prints one line naming it, with the
+closest valid choice, and exits with code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ..core.errors import PeftkitError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import commands
+
+    # no abbreviations: `--r` is LoRA's rank, not a prefix of `--resume`
+    ap = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning from the command line.",
+                                 allow_abbrev=False)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", allow_abbrev=False, usage="peftkit train [config.yaml] [flags] [method options]",
+                       help="train an adapter (flags, or a YAML file whose keys are the flag names)",
+                       description="Any flag not listed below is a method option, e.g. --r 16 --alpha 32 "
+                                   "--target-modules q_proj,v_proj.")
+    # the optional YAML file (first argument, keys = the flag names; flags override it) is taken from the
+    # unparsed arguments, so that method options such as `--r 16` cannot be mistaken for it
+    t.add_argument("--model", help="local Hugging Face directory or alias (smollm2-135m, minilm-l6)")
+    t.add_argument("--task", help="causal-lm | classification")
+    t.add_argument("--method", help="a registered method (lora, dora, ia3, oft, ...)")
+    t.add_argument("--data", help="training data: .jsonl, .json, .csv, .tsv or a datasets directory")
+    t.add_argument("--eval-data")
+    t.add_argument("--output")
+    t.add_argument("--columns", help="rename columns: text=sentence,label=label")
+    for name, typ in (("epochs", int), ("max-steps", int), ("batch-size", int), ("grad-accum", int), ("lr", float),
+                      ("warmup", float), ("seed", int), ("max-length", int), ("eval-every", int), ("save-every", int),
+                      ("early-stopping-patience", int), ("weight-decay", float), ("max-grad-norm", float),
+                      ("loraplus-ratio", float), ("log-every", int)):
+        t.add_argument(f"--{name}", type=typ)
+    t.add_argument("--schedule", help="linear | cosine | constant")
+    t.add_argument("--metric", help="the eval metric for the best adapter and early stopping")
+    t.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    t.add_argument("--resume", action="store_true", default=None)
+    t.add_argument("--exact-match", type=int, default=None, metavar="N",
+                   help="causal-lm: also report generation exact match on the first N eval rows at the end")
+    t.set_defaults(func=commands.train)
+
+    e = sub.add_parser("eval", allow_abbrev=False, help="evaluate an adapter directory on a data set")
+    e.add_argument("adapter")
+    e.add_argument("--data", required=True)
+    e.add_argument("--columns")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-length", type=int, default=None)
+    e.add_argument("--exact-match", type=int, default=None, metavar="N", help="causal-lm: generation exact match on N rows")
+    e.set_defaults(func=commands.evaluate)
+
+    g = sub.add_parser("generate", allow_abbrev=False, help="generate through the base model and adapters")
+    g.add_argument("--adapter", action="append", default=[], help="an adapter directory; repeat to stack")
+    g.add_argument("--model", help="base model (default: the one recorded with the adapter)")
+    g.add_argument("--prompt", help="the prompt; without it, read lines from stdin")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.set_defaults(func=commands.generate)
+
+    i = sub.add_parser("info", allow_abbrev=False, help="what an adapter directory holds")
+    i.add_argument("adapter")
+    i.set_defaults(func=commands.info)
+
+    d = sub.add_parser("demo", allow_abbrev=False, help="train a LoRA on SmolLM2-135M for a task it cannot do; before/after")
+    d.add_argument("--output", default="out/demo")
+    d.add_argument("--steps", type=int, default=100)
+    d.add_argument("--model", default="smollm2-135m")
+    d.set_defaults(func=commands.demo)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    if extra and args.command != "train":
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args.func(args, extra) or 0)
+    except PeftkitError as e:
+        print(f"peftkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""What the commands share: loading the model for a task, building examples, the evaluation metrics.
+
+Tasks: ``causal-lm`` (prompt/completion or chat ``messages``; loss on the completion tokens) and
+``classification`` (``text`` [+ ``text_pair``] → ``label``; the classification head is trained with
+the adapter and saved next to it). ``OUTPUT/adapter/peftkit_task.json`` records the task, the
+base model, the label names and the data columns, so ``eval`` and ``generate`` need only the
+adapter directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.errors import ConfigError, did_you_mean
+from ..core.files import json_to_bytes, write_files
+
+TASKS = ("causal-lm", "classification")
+TASK_FILE = "peftkit_task.json"
+HEAD_NAMES = ("classifier", "score")
+
+
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}{did_you_mean(task, TASKS)}; tasks: {', '.join(TASKS)}")
+
+
+def check_model_name(name: str) -> None:
+    from ..hub.models import ALIASES, alias_dir
+
+    if name in ALIASES:
+        alias_dir(name)  # says which package to install when it is missing
+    elif not Path(name).exists():
+        raise ConfigError(f"model {name!r} is neither a local directory nor an alias{did_you_mean(name, ALIASES)}; "
+                          f"aliases: {', '.join(ALIASES)}")
+
+
+def load_tokenizer(name: str) -> Any:
+    from ..hub.models import load_tokenizer as _load
+
+    check_model_name(name)
+    tok = _load(name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, task: str, num_labels: int | None = None, seed: int = 0) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` for a model alias or local directory; the tokenizer gets a pad token."""
+    from ..hub.models import load_causal_lm, load_encoder
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    check_model_name(name)
+    torch.manual_seed(seed)  # the new classification head's initialisation
+    if task == "causal-lm":
+        model, tok = load_causal_lm(name)
+    else:
+        model, tok = load_encoder(name, num_labels=num_labels or 2)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def head_name(model: nn.Module) -> str:
+    for n in HEAD_NAMES:
+        if isinstance(getattr(model, n, None), nn.Module):
+            return n
+    raise ConfigError(f"{type(model).__name__} has no classification head ({' or '.join(HEAD_NAMES)})")
+
+
+def examples(task: str, records: list[dict], tok: Any, max_length: int, labels: list[str] | None = None
+             ) -> tuple[list[dict], list[str] | None]:
+    from ..data import build_causal_lm_examples, build_classification_examples
+
+    if task == "causal-lm":
+        return build_causal_lm_examples(records, tok, max_length), None
+    ex, names = build_classification_examples(records, tok, max_length, text_pair_col=_pair_col(records), labels=labels)
+    return ex, names
+
+
+def _pair_col(records: list[dict]) -> str | None:
+    return "text_pair" if records and "text_pair" in records[0] else None
+
+
+def classification_metrics(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Accuracy, macro-F1 and mean loss over the batches."""
+    preds, gold, loss_sum, n = [], [], 0.0, 0
+    for b in batches:
+        out = model(**b)
+        preds.append(out.logits.argmax(-1).cpu())
+        gold.append(b["labels"].cpu())
+        loss_sum += float(out.loss) * len(b["labels"])
+        n += len(b["labels"])
+    p, g = torch.cat(preds), torch.cat(gold)
+    return {"accuracy": float((p == g).float().mean()), "macro_f1": macro_f1(p, g), "loss": loss_sum / max(n, 1)}
+
+
+def macro_f1(pred: torch.Tensor, gold: torch.Tensor) -> float:
+    scores = []
+    for c in torch.unique(torch.cat([pred, gold])):
+        tp = int(((pred == c) & (gold == c)).sum())
+        fp = int(((pred == c) & (gold != c)).sum())
+        fn = int(((pred != c) & (gold == c)).sum())
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / max(len(scores), 1)
+
+
+@torch.no_grad()
+def exact_match(model: nn.Module, tok: Any, records: list[dict], max_new_tokens: int = 32, numeric: bool | None = None,
+                batch_size: int = 8) -> float:
+    """Greedy generation on each record's ``prompt``; a hit when the answer equals the ``completion``.
+
+    Numeric tasks (completions holding ``####`` or a number only) compare the extracted number
+    (:func:`peftkit.data.extract_answer`); others the first line of the generation, stripped.
+    """
+    from ..data import extract_answer
+
+    model.eval()
+    hits = 0
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        for i in range(0, len(records), batch_size):
+            chunk = records[i:i + batch_size]
+            enc = tok([r["prompt"] for r in chunk], return_tensors="pt", padding=True)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            for r, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:], strict=True):
+                text = tok.decode(seq, skip_special_tokens=True)
+                want = str(r["completion"])
+                use_num = numeric if numeric is not None else ("####" in want)
+                if use_num:
+                    hits += extract_answer(text) is not None and extract_answer(text) == extract_answer(want)
+                else:
+                    hits += text.strip().split("\n")[0].strip() == want.strip()
+    finally:
+        tok.padding_side = side
+    return hits / max(len(records), 1)
+
+
+def write_task(adapter_dir: Path, info: dict[str, Any]) -> None:
+    write_files({adapter_dir / TASK_FILE: json_to_bytes(info)})
+
+
+def read_task(adapter_dir: Path) -> dict[str, Any]:
+    p = Path(adapter_dir) / TASK_FILE
+    if not p.is_file():
+        raise ConfigError(f"{adapter_dir}: no {TASK_FILE} (was this adapter written by `peftkit train`?); "
+                          "pass --model and --task")
+    return json.loads(p.read_text())

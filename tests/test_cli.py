@@ -1,0 +1,116 @@
+"""The ``peftkit`` command line on tiny local models: train → info → eval → generate, YAML configs, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from peftkit.cli.main import main
+
+from .models import tiny_bert, tiny_llama
+from .tiny_tokenizers import WORDS, bert_tok, llama_tok
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama")
+    model, _, _ = tiny_llama()
+    tok = llama_tok()
+    model.config.vocab_size = model.get_input_embeddings().num_embeddings
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bert")
+    model, _, _ = tiny_bert()
+    model.save_pretrained(d)
+    bert_tok().save_pretrained(d)
+    return d
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def lm_data(tmp_path):
+    rows = [{"prompt": f"what is {a}", "completion": f"{b} {a}"} for a, b in zip(WORDS[:12], WORDS[12:24], strict=True)]
+    return _jsonl(tmp_path / "train.jsonl", rows), _jsonl(tmp_path / "eval.jsonl", rows[:4])
+
+
+def test_train_info_eval_generate_causal_lm(llama_dir, lm_data, tmp_path, capsys):
+    train, evald = lm_data
+    out = tmp_path / "run"
+    rc = main(["train", "--model", str(llama_dir), "--task", "causal-lm", "--method", "lora", "--r", "4", "--alpha", "8",
+               "--target-modules", "q_proj,v_proj", "--data", str(train), "--eval-data", str(evald), "--output", str(out),
+               "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--eval-every", "2"])
+    assert rc == 0
+    for f in ("metrics.json", "metrics.jsonl", "report.md", "adapter/adapter.safetensors", "adapter/peftkit_task.json"):
+        assert (out / f).is_file(), f
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and "eval_loss" in metrics
+    assert metrics["trainable_params"] == 2 * 4 * ((32 + 32) + (32 + 16))  # 2 layers; q 32→32, v 32→16, r=4
+    capsys.readouterr()
+    assert main(["info", str(out / "adapter")]) == 0
+    text = capsys.readouterr().out
+    assert "lora" in text and "peftkit" in text and "causal-lm" in text
+    assert main(["eval", str(out / "adapter"), "--data", str(evald)]) == 0
+    text = capsys.readouterr().out
+    assert "eval_loss" in text and "eval_perplexity" in text
+    assert main(["generate", "--adapter", str(out / "adapter"), "--prompt", "what is hello", "--max-new-tokens", "3"]) == 0
+
+
+def test_train_classification_from_yaml_with_flag_override(bert_dir, tmp_path, capsys):
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{w} good movie\tpositive\n{w} bad movie\tnegative\n" for w in WORDS[:10]))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model: {bert_dir}\ntask: classification\nmethod: lora\nr: 2\ntarget_modules: [query, value]\n"
+                   f"data: {data}\neval_data: {data}\ncolumns: {{text: sentence}}\nmax_steps: 50\nbatch_size: 4\nlr: 0.01\n"
+                   f"output: {tmp_path / 'ignored'}\n")
+    out = tmp_path / "cls"
+    assert main(["train", str(cfg), "--output", str(out), "--max-steps", "4", "--eval-every", "2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and 0.0 <= metrics["eval_accuracy"] <= 1.0 and "eval_macro_f1" in metrics
+    assert not (tmp_path / "ignored").exists()
+    task = json.loads((out / "adapter" / "peftkit_task.json").read_text())
+    assert task["labels"] == ["negative", "positive"]
+    capsys.readouterr()
+    assert main(["eval", str(out / "adapter"), "--data", str(data)]) == 0
+    assert "eval_accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--method", "lorra"], "did you mean 'lora'"),
+    (["--method", "lora", "--rr", "4"], "did you mean 'r'"),
+    (["--method", "lora", "--r", "four"], "--r: 'four' is not a valid int"),
+    (["--method", "lora", "--task", "clasification"], "did you mean 'classification'"),
+    (["--method", "lora", "--columns", "prompt=questoin"], "questoin"),
+    (["--method", "lora", "--data", "missing.jsonl"], "missing.jsonl"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(llama_dir, lm_data, tmp_path, capsys, flags, expected):
+    train, _ = lm_data
+    out = tmp_path / "never"
+    base = {"--model": str(llama_dir), "--task": "causal-lm", "--data": str(train), "--output": str(out)}
+    args = ["train"]
+    for k, v in base.items():
+        if k not in flags:
+            args += [k, v]
+    args += [f if f != "missing.jsonl" else str(tmp_path / f) for f in flags]
+    rc = main(args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert not out.exists()
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "peftkit.cli.main", "--help"], capture_output=True, text=True, check=True)
+    for cmd in ("train", "eval", "generate", "info", "demo"):
+        assert cmd in out.stdout
