@@ -61,5 +61,5 @@ def run_demo(output: Path, steps: int = 100, model_name: str = "smollm2-135m", h
     print(f"\nexact match on held-out examples: base {before:.0%} -> adapted {after:.0%} "
           f"(training {metrics.get('train_seconds', 0):.0f} s, total {time.time() - t_start:.0f} s)")
     print(f"adapter: {output / 'adapter'}\nreport:  {output / 'report.md'}\nplot:    {output / 'curves.png'}")
-    print(f"try it:  peftkit generate --adapter {output / 'adapter'} --prompt \"Reverse: sun tree bird\nAnswer:\"")
+    print(f"try it:  peftkit generate --adapter {output / 'adapter'} --prompt $'Reverse: sun tree bird\\nAnswer:'")
     return 0

@@ -59,6 +59,9 @@ class DoRA(LoRA):
     """
 
     method = "dora"
+    family = "low-rank"
+    paper = "Liu et al. 2024 (arXiv:2402.09353)"
+    formula = "m ⊙ (W + s·B A) / ‖W + s·B A‖ x, norm per output row; A, B, m"
     supported_layers = (LINEAR, HF_CONV1D)
 
     def check_layer(self, base: nn.Module, module_name: str) -> str | None:
