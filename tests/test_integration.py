@@ -119,3 +119,23 @@ def test_every_method_on_smollm2(smollm2, method, config, tmp_path):
         peftkit.merge(model)
         with torch.no_grad():
             assert torch.allclose(model(**enc).logits, y, atol=5e-4)
+
+
+def test_cli_trains_and_evaluates_minilm_classifier(tmp_path, capsys):
+    """Smoke test of `peftkit train` / `peftkit eval` on the real MiniLM with a model alias."""
+    import json
+
+    from peftkit.cli.main import main
+
+    data = tmp_path / "d.tsv"
+    rows = ["a wonderful , moving film\t1", "dull and far too long\t0", "great acting and a clever plot\t1", "a boring mess\t0"]
+    data.write_text("sentence\tlabel\n" + "\n".join(rows * 4) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "--model", "minilm-l6", "--task", "classification", "--method", "lora", "--r", "4",
+                 "--target-modules", "query,value", "--data", str(data), "--eval-data", str(data), "--columns",
+                 "text=sentence", "--output", str(out), "--max-steps", "2", "--batch-size", "8"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and "eval_accuracy" in metrics
+    capsys.readouterr()
+    assert main(["eval", str(out / "adapter"), "--data", str(data)]) == 0
+    assert "eval_accuracy" in capsys.readouterr().out
