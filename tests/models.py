@@ -68,4 +68,10 @@ def small_cnn(seed: int = 0):
     return model, {"x": x}, lambda r: r
 
 
+def outputs(model, inputs, out):
+    """The compared tensor of one forward pass without gradients."""
+    with torch.no_grad():
+        return out(model(**inputs))
+
+
 MODELS = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2, "cnn": small_cnn}

@@ -12,6 +12,7 @@ import peftkit
 from peftkit.methods.dora import DoRA, DoRALayer
 
 from .models import MODELS
+from .models import outputs as _outputs
 
 PEFT_CASES = [
     ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
@@ -21,11 +22,6 @@ PEFT_CASES = [
     ("bert", dict(r=4, lora_alpha=16, target_modules=["query", "value", "output.dense"])),
 ]
 IDS = [f"{a}-{i}" for i, (a, _) in enumerate(PEFT_CASES)]
-
-
-def _outputs(model, inputs, out):
-    with torch.no_grad():
-        return out(model(**inputs))
 
 
 def _ours_config(kw) -> DoRA:

@@ -11,6 +11,7 @@ import peftkit
 from peftkit.methods.ia3 import IA3
 
 from .models import MODELS
+from .models import outputs as _outputs
 
 
 class GroupedNet(nn.Module):
@@ -45,11 +46,6 @@ PEFT_CASES = [
     ("grouped", dict(target_modules=["grouped", "vol", "out"], feedforward_modules=["grouped"])),
 ]
 IDS = [f"{a}-{i}" for i, (a, _) in enumerate(PEFT_CASES)]
-
-
-def _outputs(model, inputs, out):
-    with torch.no_grad():
-        return out(model(**inputs))
 
 
 def _ours(kw: dict) -> IA3:

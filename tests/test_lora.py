@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 import peftkit
 
 from .models import MODELS
+from .models import outputs as _outputs
 
 PEFT_CASES = [
     ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"])),
@@ -20,11 +21,6 @@ PEFT_CASES = [
     ("bert", dict(r=4, lora_alpha=16, target_modules=["query", "value", "output.dense"])),
     ("cnn", dict(r=2, lora_alpha=4, target_modules=["conv1", "conv2", "seq", "fc"])),
 ]
-
-
-def _outputs(model, inputs, out):
-    with torch.no_grad():
-        return out(model(**inputs))
 
 
 @pytest.mark.parametrize("arch,kw", PEFT_CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(PEFT_CASES)])

@@ -13,6 +13,7 @@ import peftkit
 from peftkit.methods.oft import OFT, OFTLayer, adjust_to_divisor
 
 from .models import MODELS
+from .models import outputs as _outputs
 
 PEFT_CASES = [
     ("llama", dict(oft_block_size=8, target_modules=["q_proj", "v_proj", "embed_tokens"])),
@@ -22,11 +23,6 @@ PEFT_CASES = [
     ("bert", dict(oft_block_size=16, num_cayley_neumann_terms=3, target_modules=["query", "value", "dense"])),
 ]
 IDS = [f"{a}-{i}" for i, (a, _) in enumerate(PEFT_CASES)]
-
-
-def _outputs(model, inputs, out):
-    with torch.no_grad():
-        return out(model(**inputs))
 
 
 def _peft(arch, kw, seed=0):

@@ -11,11 +11,7 @@ import peftkit
 from peftkit.methods.selection import HEAD_PATTERN, BitFit, LayerNormTuning
 
 from .models import MODELS
-
-
-def _outputs(model, inputs, out):
-    with torch.no_grad():
-        return out(model(**inputs))
+from .models import outputs as _outputs
 
 
 def _perturb(model, scale: float = 0.2, seed: int = 0) -> None:
