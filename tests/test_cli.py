@@ -114,3 +114,21 @@ def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "peftkit.cli.main", "--help"], capture_output=True, text=True, check=True)
     for cmd in ("train", "eval", "generate", "info", "demo"):
         assert cmd in out.stdout
+
+
+def test_full_fine_tuning_for_comparison(bert_dir, tmp_path, capsys):
+    data = tmp_path / "train.tsv"
+    data.write_text("text\tlabel\n" + "".join(f"{w} good movie\t1\n{w} bad movie\t0\n" for w in WORDS[:6]))
+    out = tmp_path / "full"
+    assert main(["train", "--model", str(bert_dir), "--task", "classification", "--method", "full", "--data", str(data),
+                 "--eval-data", str(data), "--output", str(out), "--max-steps", "2", "--batch-size", "4"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    model, _, _ = tiny_bert()
+    n_params = sum(p.numel() for p in model.parameters()) - 32 - 1  # the saved 3-label head is resized to 2 labels
+    assert metrics["trainable_params"] == n_params
+    assert (out / "adapter" / "extra.safetensors").is_file() and not (out / "adapter" / "adapter.safetensors").exists()
+    capsys.readouterr()
+    assert main(["eval", str(out / "adapter"), "--data", str(data)]) == 0
+    assert "eval_accuracy" in capsys.readouterr().out
+    assert main(["train", "--model", str(bert_dir), "--task", "classification", "--method", "full", "--r", "4",
+                 "--data", str(data), "--output", str(tmp_path / "never")]) == 2

@@ -78,7 +78,10 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     from ..train import train as run_training
 
     s, method_opts = train_settings(args, extra)
-    config = build_config(s["method"], method_opts)  # validated before anything heavy
+    full = s["method"] == "full"  # full fine-tuning, for comparison: every parameter trains, no adapter
+    if full and method_opts:
+        raise ConfigError(f"--method full takes no method options (got --{next(iter(method_opts)).replace('_', '-')})")
+    config = None if full else build_config(s["method"], method_opts)  # validated before anything heavy
     cols = _columns(s.get("columns"))
     records = load_records(s["data"], cols)
     eval_records = load_records(s["eval_data"], cols) if s.get("eval_data") else None
@@ -96,9 +99,12 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     if labels:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {n: i for i, n in enumerate(labels)}
-    attach(model, config)
-    print(summary(model))
-    extra_modules = [tasks.head_name(model)] if task == "classification" else []
+    if config is not None:
+        attach(model, config)
+        print(summary(model))
+        extra_modules = [tasks.head_name(model)] if task == "classification" else []
+    else:
+        extra_modules = [""]
     if task == "classification":
         evaluate = tasks.classification_metrics
         if tc.metric == "eval_loss" and "metric" not in s:
@@ -110,8 +116,8 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     out = Path(tc.output)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 writes the outputs
         return 0
-    info = {"task": task, "model": s["model"], "method": config.method, "labels": labels, "max_length": max_length,
-            "columns": cols}
+    info = {"task": task, "model": s["model"], "method": config.method if config else "full", "labels": labels,
+            "max_length": max_length, "columns": cols}
     tasks.write_task(out / "adapter", info)
     if task == "causal-lm" and s.get("exact_match") and eval_records:
         n = int(s["exact_match"])
@@ -130,7 +136,8 @@ def _load_adapted(adapter: Path, info: dict[str, Any], model_name: str | None = 
     task = info["task"]
     labels = info.get("labels")
     model, tok = tasks.load_model(model_name or info["model"], task, num_labels=len(labels) if labels else None)
-    load(model, adapter)
+    if info.get("method") != "full":
+        load(model, adapter)
     if (adapter / "extra.safetensors").is_file():
         load_extra(model, adapter)
     return model.eval(), tok

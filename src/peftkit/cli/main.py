@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     # unparsed arguments, so that method options such as `--r 16` cannot be mistaken for it
     t.add_argument("--model", help="local Hugging Face directory or alias (smollm2-135m, minilm-l6)")
     t.add_argument("--task", help="causal-lm | classification")
-    t.add_argument("--method", help="a registered method (lora, dora, ia3, oft, ...)")
+    t.add_argument("--method", help="a registered method (lora, dora, ia3, oft, ...), or full (full fine-tuning, for comparison)")
     t.add_argument("--data", help="training data: .jsonl, .json, .csv, .tsv or a datasets directory")
     t.add_argument("--eval-data")
     t.add_argument("--output")

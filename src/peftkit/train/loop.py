@@ -293,7 +293,7 @@ def _unfreeze_extra(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Para
                               f"{did_you_mean(name, [n for n in modules if n])}")
         for pname, p in modules[name].named_parameters():
             p.requires_grad_(True)
-            out[f"{name}.{pname}"] = p
+            out[f"{name}.{pname}" if name else pname] = p  # "" is the whole model (full fine-tuning)
     return out
 
 
