@@ -60,9 +60,11 @@ def prepare(model: nn.Module, config: AdapterConfig, name: str, targets: Sequenc
         bases.append((mname, base))
     if problems:
         raise TargetError("cannot attach " + config.method + ": " + "; ".join(problems))
-    reason = config.check_model(model, [display_name(n) for n in module_names])
+    shown = [display_name(n) for n in module_names]
+    reason = config.check_model(model, shown)
     if reason:
         raise TargetError(f"cannot attach {config.method}: {reason}")
+    config = config.resolve(model, shown)
     plan: Plan = []
     for mname, base in bases:
         module = config.build(base, display_name(mname))

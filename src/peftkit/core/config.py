@@ -64,6 +64,11 @@ class AdapterConfig:
         """
         return None
 
+    def resolve(self, model: nn.Module, module_names: list[str]) -> AdapterConfig:
+        """The config the adapter modules are built with, with model-dependent defaults made explicit
+        (IA3's feed-forward modules). Called after every check; the default is ``self``."""
+        return self
+
     # -- serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method}

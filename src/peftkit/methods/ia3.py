@@ -137,23 +137,18 @@ class IA3(AdapterConfig):
                     "(supported: Linear, transformers Conv1D, Conv2d, Conv3d)")
         return None
 
-    def check_model(self, model: nn.Module, module_names: list[str]) -> str | None:
-        """Resolve the feed-forward modules for this model (``build`` comes next) and check the user's patterns."""
+    def _hits(self, model: nn.Module, module_names: list[str]):
         from ..core.site import AdapterSite
 
         modules = [model.get_submodule(n) for n in module_names]
         modules = [m.base if isinstance(m, AdapterSite) else m for m in modules]
+        return lambda p: any(pattern_matches(p, n, m, set()) for n, m in zip(module_names, modules, strict=True))
 
-        def hits(p: Any) -> bool:
-            return any(pattern_matches(p, n, m, set()) for n, m in zip(module_names, modules, strict=True))
-
-        if self.feedforward_modules is None:  # the model type's default, kept to the patterns that apply here
-            mt = getattr(getattr(model, "config", None), "model_type", None)
-            ff = [p for p in IA3_FEEDFORWARD_MODULES.get(mt, []) if hits(p)]
-            targets = self.target_modules if self.target_modules is not None else IA3_DEFAULT_TARGETS.get(mt)
-            self._pending = self.replace(target_modules=targets, feedforward_modules=ff)
+    def check_model(self, model: nn.Module, module_names: list[str]) -> str | None:
+        """Every explicit feed-forward pattern must match one of the targeted modules."""
+        if self.feedforward_modules is None:
             return None
-        self._pending = self
+        hits = self._hits(model, module_names)
         for p in _as_list(self.feedforward_modules):
             if isinstance(p, str) and p.startswith("re:"):
                 continue  # regular expressions (as read from peft files) may match nothing, as in peft
@@ -162,22 +157,24 @@ class IA3(AdapterConfig):
                         "every feed-forward module must also be targeted")
         return None
 
-    def resolved(self) -> IA3:
-        """This config with ``feedforward_modules`` made explicit (by ``check_model``) for the model being adapted."""
+    def resolve(self, model: nn.Module, module_names: list[str]) -> IA3:
+        """With ``feedforward_modules=None``: the model type's default, kept to the patterns that apply here."""
         if self.feedforward_modules is not None:
             return self
-        pending = self.__dict__.get("_pending")
-        return pending if pending is not None else self.replace(feedforward_modules=[])
+        hits = self._hits(model, module_names)
+        mt = getattr(getattr(model, "config", None), "model_type", None)
+        ff = [p for p in IA3_FEEDFORWARD_MODULES.get(mt, []) if hits(p)]
+        targets = self.target_modules if self.target_modules is not None else IA3_DEFAULT_TARGETS.get(mt)
+        return self.replace(target_modules=targets, feedforward_modules=ff)
 
     def is_feedforward(self, base: nn.Module, module_name: str) -> bool:
         return any(pattern_matches(p, module_name, base, set()) for p in _as_list(self.feedforward_modules))
 
     def build(self, base: nn.Module, module_name: str) -> IA3Layer:
-        config = self.resolved()
-        ff = config.is_feedforward(base, module_name)
-        config.__dict__.setdefault("_ff_paths", set())
-        (config._ff_paths.add if ff else config._ff_paths.discard)(module_name)
-        return IA3Layer(config, base, ff)
+        ff = self.is_feedforward(base, module_name)
+        self.__dict__.setdefault("_ff_paths", set())
+        (self._ff_paths.add if ff else self._ff_paths.discard)(module_name)
+        return IA3Layer(self, base, ff)
 
 
 def _as_list(v: Any) -> list:
