@@ -141,8 +141,12 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     """Add adapter ``name`` (method and targets from ``config``) to ``model`` in place and return ``model``.
 
     The base model is frozen; the new adapter is trainable and becomes the only active adapter.
-    Nothing is changed if the config does not fit the model.
+    Nothing is changed if the config does not fit the model. With FSDP2, attach on every rank
+    before ``fully_shard``: attaching to an already sharded model raises :class:`ConfigError`.
     """
+    from .sharding import check_unsharded
+
+    check_unsharded(model, "attach")
     plan = prepare(model, config, name)
     install(model, plan, name)
     return model

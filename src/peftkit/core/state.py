@@ -21,9 +21,10 @@ from torch import nn
 
 from .api import Plan, install, prepare
 from .errors import AdapterLoadError, ConfigError
-from .files import json_to_bytes, read_json, read_safetensors, tensors_to_bytes, write_files
+from .files import json_to_bytes, read_json, read_safetensors, tensors_to_bytes
 from .model import adapter_modules, adapter_names, check_names
 from .registry import config_from_dict
+from .sharding import check_unsharded, class_name, is_sharded, module_state, write_once
 
 CONFIG_FILE = "peftkit_adapter.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -36,7 +37,7 @@ def adapter_state(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor],
     targets: list[str] = []
     for path, _, mod in adapter_modules(model, name):
         targets.append(path)
-        for k, v in mod.state_dict().items():
+        for k, v in module_state(mod).items():  # under FSDP2: gathered (every rank must call)
             state[f"{path}.{k}"] = v
     return state, targets
 
@@ -47,6 +48,9 @@ def save(model: nn.Module, path: str | Path, name: str | None = None, format: st
     ``format="peftkit"`` (default) or ``"hf"`` (the Hugging Face PEFT directory format). With
     several adapters each goes to ``path/<name>`` (peftkit) or peft's layout (the first at
     ``path``, the others at ``path/<name>``). Files are written atomically.
+
+    On a model sharded with FSDP2 (``fully_shard``) call it on every rank: the tensors are
+    gathered and rank 0 writes; every rank returns once the files exist.
     """
     if format not in ("peftkit", "hf"):
         from .errors import did_you_mean
@@ -67,7 +71,7 @@ def save(model: nn.Module, path: str | Path, name: str | None = None, format: st
     for n in names:
         target_dir = root if len(names) == 1 else root / n
         files.update(_peftkit_files(model, n, target_dir))
-    write_files(files)
+    write_once(files, is_sharded(model))
     return root
 
 
@@ -86,7 +90,7 @@ def _peftkit_files(model: nn.Module, name: str, directory: Path) -> dict[Path, b
         "config": config.to_dict(),
         "targets": targets,
         "base_model": {
-            "class": type(model).__name__,
+            "class": class_name(model),
             "name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
             "parameters": base_params,
         },
@@ -108,8 +112,10 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, trainable:
 
     The format is recognised from the files. ``name`` names the loaded adapter (default: the
     saved name, ``"default"`` for peft files). A directory of sub-directories loads each.
-    Everything is checked before the model is touched.
+    Everything is checked before the model is touched. With FSDP2, load on every rank before
+    ``fully_shard``: loading into an already sharded model raises :class:`ConfigError`.
     """
+    check_unsharded(model, "load")
     root = Path(path)
     if not root.exists():
         raise AdapterLoadError(f"{root}: no such adapter directory")

@@ -24,8 +24,9 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.errors import AdapterLoadError, ConfigError
-from ..core.files import json_to_bytes, read_json, read_safetensors, read_torch_bin, tensors_to_bytes, write_files
+from ..core.files import json_to_bytes, read_json, read_safetensors, read_torch_bin, tensors_to_bytes
 from ..core.model import adapter_modules
+from ..core.sharding import is_sharded, module_state, write_once
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -107,7 +108,7 @@ def save_hf(model: nn.Module, root: Path, names: list[str]) -> Path:
     for i, name in enumerate(names):
         directory = root if i == 0 else root / name
         files.update(_hf_files(model, name, directory))
-    write_files(files)
+    write_once(files, is_sharded(model))
     return root
 
 
@@ -124,7 +125,7 @@ def _hf_files(model: nn.Module, name: str, directory: Path) -> dict[Path, bytes]
     hf["peft_type"] = codec.peft_type
     tensors: dict[str, torch.Tensor] = {}
     for path, _site, mod in mods:
-        state = codec.export(mod) if codec.export else mod.state_dict()
+        state = module_state(mod, codec.export)  # under FSDP2: gathered (every rank must call)
         mapping = codec.names_for(mod)
         for ours, t in state.items():
             if ours not in mapping:
