@@ -397,11 +397,22 @@ sys.path.insert(0, {root!r})
 import peftkit
 from peftkit.train import TrainConfig, train
 from tests.test_train import collate, llama_lora, lm_examples, adapter_tensors
+from peftkit.train.loop import default_evaluate
 model = llama_lora()
-cfg = TrainConfig(output={out!r}, lr=1e-2, batch_size=2, max_steps=3, log_every=1, progress=False, grad_accum={ga})
-train(model, cfg, lm_examples(12), collate=collate)
-rank = torch.distributed.get_rank()
-save_file(adapter_tensors(model), {out!r} + f"/rank{{rank}}.safetensors")
+cfg = TrainConfig(output={out!r}, lr=1e-2, batch_size=2, max_steps=3, log_every=1, progress=False, grad_accum={ga},
+                  eval_every=2, save_every=3)
+rank = int(__import__("os").environ["RANK"])
+calls, rng_at_3 = [], []
+def evaluate(m, b):
+    calls.append(1)
+    return default_evaluate(m, b)
+def callback(step, logs):
+    if step == 3:
+        rng_at_3.append(torch.get_rng_state().clone())
+    torch.rand(rank + 1)  # the ranks' RNG streams drift apart, as with dropout on different shards
+metrics = train(model, cfg, lm_examples(12), lm_examples(4), collate=collate, evaluate=evaluate, callback=callback)
+save_file({{**adapter_tensors(model), "rng": rng_at_3[0], "evals": torch.tensor(len(calls)),
+           "eval_loss": torch.tensor(metrics["eval_loss"])}}, {out!r} + f"/rank{{rank}}.safetensors")
 torch.distributed.destroy_process_group()
 """
 
@@ -429,6 +440,22 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     logs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), logs
     r0, r1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    # evaluation runs on rank 0 only (twice: steps 2 and 3) and every rank gets its metrics
+    assert int(r0.pop("evals")) == 2 and int(r1.pop("evals")) == 0
+    assert float(r0.pop("eval_loss")) == float(r1.pop("eval_loss"))
+    # the checkpoint keeps each rank's own RNG state, and resuming gives each rank its own back
+    rng0, rng1 = r0.pop("rng"), r1.pop("rng")
+    assert not torch.equal(rng0, rng1)
+    from peftkit.train import checkpoint
+
+    saved = torch.load(out / "checkpoint" / checkpoint.RANK_RNG_FILE, weights_only=True)
+    assert torch.equal(saved[0]["torch"], rng0) and torch.equal(saved[1]["torch"], rng1)
+    for rank, want in ((0, rng0), (1, rng1)):
+        m = llama_lora()
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        st = checkpoint.load(out / "checkpoint", m, {}, opt, sched, rank=rank)
+        assert torch.equal(st["rng"]["torch"], want)
     assert_same(r0, r1)
     assert (out / "metrics.json").is_file() and (out / "adapter" / "adapter.safetensors").is_file()
     single = llama_lora()

@@ -8,7 +8,8 @@
 * ``optimizer.pt``          optimizer and scheduler state and torch RNG states (read back with
   ``torch.load(weights_only=True)``: tensors and plain containers only, no pickled objects);
 * ``state.json``            step, epoch, position in the epoch's batches, python/numpy RNG states,
-  metric history, best metric, the training config.
+  metric history, best metric, the training config;
+* ``rank_rng.pt``           under ``torchrun``: the RNG states of every rank (rank ``r`` restores entry ``r``).
 
 The directory is written under a temporary name and renamed into place; the previous checkpoint
 is moved aside first and deleted last, so a crash leaves one complete checkpoint
@@ -35,6 +36,7 @@ from ..core.state import adapter_state
 CHECKPOINT = "checkpoint"
 OLD = ".checkpoint.old"
 EXTRA_FILE = "extra.safetensors"
+RANK_RNG_FILE = "rank_rng.pt"
 
 
 def capture_rng() -> dict[str, Any]:
@@ -109,10 +111,11 @@ def load_extra(model: nn.Module, path: str | Path) -> nn.Module:
 
 def save(output: Path, model: nn.Module, extra: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
          scheduler: Any, state: dict[str, Any], rng: dict[str, Any],
-         best: dict[str, torch.Tensor] | None = None) -> Path:
+         best: dict[str, torch.Tensor] | None = None, rank_rngs: list[dict[str, Any]] | None = None) -> Path:
     """Write ``output/checkpoint`` atomically (see the module docstring); returns its path.
 
     ``best``: the best-so-far trained tensors (as :func:`trained_tensors`), kept as ``best.safetensors``.
+    ``rank_rngs``: under ``torchrun``, every rank's :func:`capture_rng` in rank order.
     """
     import peftkit
 
@@ -126,6 +129,8 @@ def save(output: Path, model: nn.Module, extra: dict[str, nn.Parameter], optimiz
     if "cuda" in rng:
         trainer["cuda_rng"] = rng["cuda"]
     torch.save(trainer, tmp / "optimizer.pt")
+    if rank_rngs is not None:
+        torch.save(rank_rngs, tmp / RANK_RNG_FILE)
     plain_rng = {k: v for k, v in rng.items() if k in ("python", "numpy")}
     files = {tmp / "trained.safetensors": tensors_to_bytes(trained_tensors(model, extra)),
              tmp / "state.json": json_to_bytes({**state, "rng": plain_rng})}
@@ -151,8 +156,9 @@ def find(output: Path) -> Path | None:
 
 
 def load(directory: Path, model: nn.Module, extra: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-         scheduler: Any) -> dict[str, Any]:
-    """Restore model tensors, optimizer and scheduler from ``directory``; returns ``state.json`` (RNG not yet applied)."""
+         scheduler: Any, rank: int = 0) -> dict[str, Any]:
+    """Restore model tensors, optimizer and scheduler from ``directory``; returns ``state.json`` with ``"rng"``
+    set to the RNG states of process ``rank`` (not yet applied)."""
     state = read_json(directory / "state.json")
     restore_trained(model, extra, read_safetensors(directory / "trained.safetensors"), str(directory))
     try:
@@ -164,6 +170,11 @@ def load(directory: Path, model: nn.Module, extra: dict[str, nn.Parameter], opti
     state["rng"]["torch"] = trainer["torch_rng"]
     if "cuda_rng" in trainer:
         state["rng"]["cuda"] = trainer["cuda_rng"]
+    if (directory / RANK_RNG_FILE).is_file():
+        per_rank = torch.load(directory / RANK_RNG_FILE, map_location="cpu", weights_only=True)
+        if rank >= len(per_rank):
+            raise AdapterLoadError(f"{directory / RANK_RNG_FILE}: holds {len(per_rank)} ranks, this is rank {rank}")
+        state["rng"] = per_rank[rank]
     return state
 
 

@@ -12,16 +12,25 @@ Choices:
   registers only parameters with ``requires_grad``, so only the adapter (and the ``trainable_extra``
   modules) are all-reduced; frozen base weights are never communicated after the initial broadcast.
 * Rank 0 writes every output; the other ranks wait at barriers.
+* Rank 0 alone runs the periodic evaluation (the adapters are identical on every rank) and
+  broadcasts the metrics, so that every rank takes the same best-adapter and early-stopping
+  decisions. (The others wait in the broadcast: an evaluation longer than the process group's
+  timeout, 30 minutes by default, needs a larger ``timeout`` in ``init_process_group``.)
+* Checkpoints hold the RNG states of every rank, and each rank restores its own on ``resume``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -78,6 +87,24 @@ def shard(batch: dict[str, torch.Tensor], info: DistInfo) -> dict[str, torch.Ten
     if rows < info.world_size:
         return None
     return {k: (v.tensor_split(info.world_size)[info.rank] if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def from_main(compute: Callable[[], T], info: DistInfo) -> T:
+    """``compute()`` run on rank 0 only, its result sent to every rank (pickled)."""
+    if not info.enabled:
+        return compute()
+    box = [compute() if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj: T, info: DistInfo) -> list[T]:
+    """Every rank's ``obj``, in rank order (``[obj]`` for one process)."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier(info: DistInfo) -> None:

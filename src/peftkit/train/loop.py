@@ -98,7 +98,7 @@ def train(model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], 
         warnings.warn(f"resume: no checkpoint in {output}; starting from scratch", stacklevel=2)
     if ckpt is not None:
         _check_resumable(ckpt, config, info)
-        loaded = checkpoint.load(ckpt, model, extra, optimizer, scheduler)
+        loaded = checkpoint.load(ckpt, model, extra, optimizer, scheduler, rank=info.rank)
         rng = loaded.pop("rng")
         s.update({k: v for k, v in loaded.items() if k in s})
         if (ckpt / "best.safetensors").is_file():
@@ -130,13 +130,15 @@ def train(model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], 
         state = {k: v for k, v in s.items()}
         state.update(epoch=resume_point["epoch"], pos=resume_point["pos"], config=config.to_dict(),
                      world_size=info.world_size)
+        rank_rngs = distributed.gather(resume_point["rng"], info) if info.enabled else None
         if info.is_main:
             state["train_seconds"] = s["train_seconds"] + time.monotonic() - start
-            checkpoint.save(output, model, extra, optimizer, scheduler, state, resume_point["rng"], best_tensors)
+            checkpoint.save(output, model, extra, optimizer, scheduler, state, resume_point["rng"], best_tensors,
+                            rank_rngs)
 
     def run_eval() -> dict[str, float]:
         nonlocal best_tensors, last_eval_step
-        metrics = _evaluate(model, eval_batches, evaluate, device)
+        metrics = distributed.from_main(lambda: _evaluate(model, eval_batches, evaluate, device), info)
         model.train()
         last_eval_step = s["step"]
         value = metrics.get(config.metric)
