@@ -93,6 +93,7 @@ def test_train_classification_from_yaml_with_flag_override(bert_dir, tmp_path, c
     (["--method", "lora", "--task", "clasification"], "did you mean 'classification'"),
     (["--method", "lora", "--columns", "prompt=questoin"], "questoin"),
     (["--method", "lora", "--data", "missing.jsonl"], "missing.jsonl"),
+    (["--method", "lora", "--prompt-format", "chatt"], "did you mean 'chat'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(llama_dir, lm_data, tmp_path, capsys, flags, expected):
     train, _ = lm_data
@@ -132,3 +133,59 @@ def test_full_fine_tuning_for_comparison(bert_dir, tmp_path, capsys):
     assert "eval_accuracy" in capsys.readouterr().out
     assert main(["train", "--model", str(bert_dir), "--task", "classification", "--method", "full", "--r", "4",
                  "--data", str(data), "--output", str(tmp_path / "never")]) == 2
+
+
+def test_prompt_format_is_recorded_and_base_model_eval(llama_dir, lm_data, tmp_path, capsys):
+    """A template prompt format is used in training, recorded with the adapter, and reused by eval and
+    generate; ``peftkit eval`` without an adapter scores the base model (the "before" figure)."""
+    train, evald = lm_data
+    out = tmp_path / "run"
+    fmt = "Q: {prompt}\nA:"
+    assert main(["train", "--model", str(llama_dir), "--task", "causal-lm", "--method", "lora", "--r", "4",
+                 "--data", str(train), "--eval-data", str(evald), "--output", str(out), "--max-steps", "2",
+                 "--batch-size", "4", "--prompt-format", fmt, "--exact-match", "2", "--max-new-tokens", "3"]) == 0
+    task = json.loads((out / "adapter" / "peftkit_task.json").read_text())
+    assert task["prompt_format"] == fmt
+    assert 0.0 <= json.loads((out / "metrics.json").read_text())["eval_exact_match"] <= 1.0
+    capsys.readouterr()
+    assert main(["eval", str(out / "adapter"), "--data", str(evald), "--exact-match", "2", "--max-new-tokens", "2"]) == 0
+    assert "eval_exact_match" in capsys.readouterr().out
+    assert main(["eval", "--model", str(llama_dir), "--task", "causal-lm", "--data", str(evald),
+                 "--prompt-format", "chat", "--exact-match", "2", "--max-new-tokens", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "eval_loss" in text and "eval_exact_match" in text
+    assert main(["generate", "--adapter", str(out / "adapter"), "--prompt", "what is hello", "--max-new-tokens", "2"]) == 0
+    assert main(["eval", "--data", str(evald)]) == 2
+    assert "--model and --task" in capsys.readouterr().err
+
+
+def test_eval_and_generate_an_adapter_written_by_peft(llama_dir, lm_data, tmp_path, capsys):
+    """An adapter directory from `peft` (no peftkit task record) is scored with --model and --task, and gives
+    the same loss as peft's own model."""
+    peft = pytest.importorskip("peft")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.data import batches
+    from peftkit.train import default_evaluate
+
+    from .tiny_tokenizers import llama_tok
+
+    _, evald = lm_data
+    base = AutoModelForCausalLM.from_pretrained(llama_dir)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                   init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "hf")
+    assert main(["eval", str(tmp_path / "hf"), "--data", str(evald)]) == 2
+    assert "--model and --task causal-lm" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "hf"), "--model", str(llama_dir), "--task", "causal-lm", "--data", str(evald)]) == 0
+    ours = float(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("eval_loss")).split()[1])
+    from peftkit.cli.tasks import examples
+    from peftkit.data import load_records
+
+    ex, _ = examples("causal-lm", load_records(evald), llama_tok(), 256)
+    with torch.no_grad():
+        want = default_evaluate(pm.eval(), batches(ex, 32, 0, shuffle=False, seed=0, bucket=False))["eval_loss"]
+    assert ours == pytest.approx(want, abs=1e-4)
+    assert main(["generate", "--adapter", str(tmp_path / "hf"), "--model", str(llama_dir), "--prompt", "what is",
+                 "--max-new-tokens", "2"]) == 0

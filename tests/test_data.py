@@ -15,10 +15,12 @@ import torch
 
 from peftkit import ConfigError
 from peftkit.data import (
+    IGNORE_INDEX,
     DroppedExamplesWarning,
     batches,
     build_causal_lm_examples,
     build_classification_examples,
+    check_prompt_format,
     extract_answer,
     load_records,
     pad_count,
@@ -326,3 +328,23 @@ def test_padding_values():
 ])
 def test_extract_answer(text, want):
     assert extract_answer(text) == want
+
+
+def test_prompt_formats_train_and_generate_on_the_same_tokens():
+    """Under every format the ids generation starts from are exactly the prompt part of the training example."""
+    from peftkit.data import apply_prompt_format, prompt_ids
+
+    tok = _llama_tok()
+    rec = [{"prompt": "red blue", "completion": "blue red"}]
+    for fmt in ("plain", "chat", "Q: {prompt}\nA:"):
+        ex = build_causal_lm_examples(apply_prompt_format(rec, fmt), tok, 128)[0]
+        start = next(i for i, x in enumerate(ex["labels"]) if x != IGNORE_INDEX)
+        assert ex["input_ids"][:start] == prompt_ids(tok, "red blue", fmt), fmt
+    chat = apply_prompt_format(rec, "chat")[0]
+    assert chat["messages"] == [{"role": "user", "content": "red blue"}, {"role": "assistant", "content": "blue red"}]
+    assert apply_prompt_format(rec, "Q: {prompt}")[0]["prompt"] == "Q: red blue"
+    with pytest.raises(ConfigError, match="did you mean 'chat'"):
+        apply_prompt_format(rec, "chta")
+    tok.chat_template = None
+    with pytest.raises(ConfigError, match="chat template"):
+        check_prompt_format("chat", tok)

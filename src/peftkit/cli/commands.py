@@ -13,13 +13,14 @@ from typing import Any
 import torch
 
 from ..core.errors import ConfigError
+from ..data import check_prompt_format
 from . import tasks
 from .options import build_config, parse_method_flags
 
 TRAIN_KEYS = {"model", "task", "method", "data", "eval_data", "output", "columns", "epochs", "max_steps", "batch_size",
               "grad_accum", "lr", "warmup", "seed", "max_length", "eval_every", "save_every", "early_stopping_patience",
               "weight_decay", "max_grad_norm", "loraplus_ratio", "log_every", "schedule", "metric",
-              "gradient_checkpointing", "resume", "exact_match"}
+              "gradient_checkpointing", "resume", "exact_match", "prompt_format", "max_new_tokens"}
 
 
 def _columns(spec: Any) -> dict[str, str] | None:
@@ -90,11 +91,15 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     tc.validate()
     max_length = int(s.get("max_length") or 256)
     task = s["task"]
+    fmt = s.get("prompt_format")
+    if fmt is not None and task != "causal-lm":
+        raise ConfigError(f"--prompt-format applies to the causal-lm task, not {task}")
 
-    # the tokenizer first: columns and labels are checked before the model is loaded
+    # the tokenizer first: columns, labels and the prompt format are checked before the model is loaded
     tok = tasks.load_tokenizer(s["model"])
-    ex, labels = tasks.examples(task, records, tok, max_length)
-    eval_ex = tasks.examples(task, eval_records, tok, max_length, labels)[0] if eval_records else None
+    fmt = check_prompt_format(fmt, tok) if task == "causal-lm" else None
+    ex, labels = tasks.examples(task, records, tok, max_length, prompt_format=fmt)
+    eval_ex = tasks.examples(task, eval_records, tok, max_length, labels, fmt)[0] if eval_records else None
     model, tok = tasks.load_model(s["model"], task, num_labels=len(labels) if labels else None, seed=tc.seed)
     if labels:
         model.config.id2label = dict(enumerate(labels))
@@ -117,11 +122,12 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 writes the outputs
         return 0
     info = {"task": task, "model": s["model"], "method": config.method if config else "full", "labels": labels,
-            "max_length": max_length, "columns": cols}
+            "max_length": max_length, "columns": cols, "prompt_format": fmt}
     tasks.write_task(out / "adapter", info)
     if task == "causal-lm" and s.get("exact_match") and eval_records:
         n = int(s["exact_match"])
-        metrics["eval_exact_match"] = tasks.exact_match(model, tok, eval_records[:n])
+        metrics["eval_exact_match"] = tasks.exact_match(model, tok, eval_records[:n], s.get("max_new_tokens"),
+                                                        prompt_format=fmt)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     print("\n".join(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in shown.items()))
@@ -129,37 +135,60 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _load_adapted(adapter: Path, info: dict[str, Any], model_name: str | None = None):
+def _load_adapted(adapter: Path | None, info: dict[str, Any], model_name: str | None = None):
+    """The base model (``model_name`` or the one recorded in ``info``) with the adapter of ``adapter`` loaded."""
     from ..core.state import load
     from ..train import load_extra
 
     task = info["task"]
     labels = info.get("labels")
     model, tok = tasks.load_model(model_name or info["model"], task, num_labels=len(labels) if labels else None)
-    if info.get("method") != "full":
+    if adapter is not None and info.get("method") != "full":
         load(model, adapter)
-    if (adapter / "extra.safetensors").is_file():
+    if adapter is not None and (adapter / "extra.safetensors").is_file():
         load_extra(model, adapter)
     return model.eval(), tok
 
 
 def evaluate(args: argparse.Namespace, extra: list[str]) -> int:
+    """Score an adapter directory — or, without one, the base model (``--model`` and ``--task``) — on a data set."""
     from ..data import batches, load_records
     from ..train import default_evaluate
 
-    adapter = Path(args.adapter)
-    if not adapter.is_dir():
-        raise ConfigError(f"adapter directory {adapter} does not exist")
-    info = tasks.read_task(adapter)
+    adapter = Path(args.adapter) if args.adapter else None
+    if adapter is None:
+        if not args.model or not args.task:
+            raise ConfigError("give an adapter directory, or --model and --task to evaluate the base model")
+        tasks.check_task(args.task)
+        if args.task == "classification":
+            raise ConfigError("a base model has no trained classification head: evaluate an adapter directory")
+        info: dict[str, Any] = {"task": args.task, "model": args.model}
+    else:
+        if not adapter.is_dir():
+            raise ConfigError(f"adapter directory {adapter} does not exist")
+        if not (adapter / tasks.TASK_FILE).is_file() and args.model and args.task == "causal-lm":
+            info = {"task": args.task, "model": args.model}  # saved by peftkit.save or by peft: no task record
+        else:
+            info = tasks.read_task(adapter)
+        if args.task and args.task != info["task"]:
+            raise ConfigError(f"--task {args.task}: the adapter was trained for {info['task']}")
     records = load_records(args.data, _columns(args.columns) or info.get("columns"))
-    model, tok = _load_adapted(adapter, info)
-    ex, _ = tasks.examples(info["task"], records, tok, args.max_length or info.get("max_length") or 256, info.get("labels"))
+    fmt = args.prompt_format if args.prompt_format is not None else info.get("prompt_format")
+    if args.model:
+        tasks.check_model_name(args.model)
+    tok = tasks.load_tokenizer(args.model or info["model"])
+    if info["task"] == "causal-lm":
+        fmt = check_prompt_format(fmt, tok)
+    max_length = args.max_length or info.get("max_length") or 256
+    ex, _ = tasks.examples(info["task"], records, tok, max_length, info.get("labels"), fmt)  # checked before loading
+    model, tok = _load_adapted(adapter, info, args.model)
     bl = batches(ex, args.batch_size, tok.pad_token_id or 0, shuffle=False, seed=0, bucket=False)
     with torch.no_grad():
         raw = tasks.classification_metrics(model, bl) if info["task"] == "classification" else default_evaluate(model, bl)
     metrics = {k if k.startswith("eval_") else f"eval_{k}": v for k, v in raw.items()}
     if info["task"] == "causal-lm" and args.exact_match:
-        metrics["eval_exact_match"] = tasks.exact_match(model, tok, records[: args.exact_match])
+        metrics["eval_exact_match"] = tasks.exact_match(model, tok, records[: args.exact_match], args.max_new_tokens,
+                                                        batch_size=args.batch_size, prompt_format=fmt)
     for k, v in metrics.items():
         print(f"{k}: {v:.4f}")
     return 0
@@ -170,6 +199,7 @@ def generate(args: argparse.Namespace, extra: list[str]) -> int:
 
     from ..core.api import activate
     from ..core.state import load
+    from ..data import prompt_ids
     from ..hub.models import load_causal_lm
 
     dirs = [Path(a) for a in args.adapter]
@@ -180,7 +210,9 @@ def generate(args: argparse.Namespace, extra: list[str]) -> int:
     model_name = args.model or (infos[0]["model"] if infos else None)
     if not model_name:
         raise ConfigError("--model is required when no adapter records its base model")
+    fmt = "chat" if args.chat else (args.prompt_format or next((i.get("prompt_format") for i in infos), None))
     model, tok = load_causal_lm(model_name)
+    fmt = check_prompt_format(fmt, tok)
     names = []
     for i, d in enumerate(dirs):
         name = f"a{i}"
@@ -191,16 +223,11 @@ def generate(args: argparse.Namespace, extra: list[str]) -> int:
     model.eval()
     prompts = [args.prompt] if args.prompt is not None else [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for p in prompts:
-        if args.chat:
-            ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt")
-            ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
-            enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        else:
-            enc = dict(tok(p, return_tensors="pt"))
+        ids = torch.tensor([prompt_ids(tok, p, fmt)])
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)
-        print(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return 0
 
 

@@ -2,6 +2,7 @@
 
     peftkit train [config.yaml] --model smollm2-135m --task causal-lm --method lora --r 16 --data train.jsonl --output out
     peftkit eval out/adapter --data test.jsonl
+    peftkit eval --model smollm2-135m --task causal-lm --data test.jsonl --exact-match 200   # the base model
     peftkit generate --adapter out/adapter --prompt "Reverse: red cat"
     peftkit info out/adapter
     peftkit demo
@@ -17,6 +18,9 @@ import sys
 from collections.abc import Sequence
 
 from ..core.errors import PeftkitError
+
+PROMPT_FORMAT_HELP = ("causal-lm: plain (prompt then completion as written), chat (a user/assistant turn in the "
+                      "model's chat template) or a template holding {prompt}, e.g. 'Question: {prompt}\nAnswer: '")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,13 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", default=None)
     t.add_argument("--exact-match", type=int, default=None, metavar="N",
                    help="causal-lm: also report generation exact match on the first N eval rows at the end")
+    t.add_argument("--max-new-tokens", type=int, default=None,
+                   help="exact match: tokens generated per answer (default: longest reference answer + 16)")
+    t.add_argument("--prompt-format", default=None, metavar="FORMAT", help=PROMPT_FORMAT_HELP)
     t.set_defaults(func=commands.train)
 
-    e = sub.add_parser("eval", allow_abbrev=False, help="evaluate an adapter directory on a data set")
-    e.add_argument("adapter")
+    e = sub.add_parser("eval", allow_abbrev=False, help="evaluate an adapter directory (or the base model) on a data set")
+    e.add_argument("adapter", nargs="?", help="adapter directory written by `peftkit train`; omit it to score the "
+                                              "base model given by --model and --task")
+    e.add_argument("--model", help="base model (default: the one recorded with the adapter)")
+    e.add_argument("--task", help="causal-lm (needed without an adapter)")
+    e.add_argument("--prompt-format", default=None, metavar="FORMAT",
+                   help="default: the adapter's; " + PROMPT_FORMAT_HELP)
+    e.add_argument("--max-new-tokens", type=int, default=None, help="exact match: tokens generated per answer")
     e.add_argument("--data", required=True)
     e.add_argument("--columns")
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (loss and generation)")
     e.add_argument("--max-length", type=int, default=None)
     e.add_argument("--exact-match", type=int, default=None, metavar="N", help="causal-lm: generation exact match on N rows")
     e.set_defaults(func=commands.evaluate)
@@ -66,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", action="append", default=[], help="an adapter directory; repeat to stack")
     g.add_argument("--model", help="base model (default: the one recorded with the adapter)")
     g.add_argument("--prompt", help="the prompt; without it, read lines from stdin")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (= --prompt-format chat)")
+    g.add_argument("--prompt-format", default=None, metavar="FORMAT", help="default: the adapter's; " + PROMPT_FORMAT_HELP)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.set_defaults(func=commands.generate)
 

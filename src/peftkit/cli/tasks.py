@@ -73,12 +73,12 @@ def head_name(model: nn.Module) -> str:
     raise ConfigError(f"{type(model).__name__} has no classification head ({' or '.join(HEAD_NAMES)})")
 
 
-def examples(task: str, records: list[dict], tok: Any, max_length: int, labels: list[str] | None = None
-             ) -> tuple[list[dict], list[str] | None]:
-    from ..data import build_causal_lm_examples, build_classification_examples
+def examples(task: str, records: list[dict], tok: Any, max_length: int, labels: list[str] | None = None,
+             prompt_format: str | None = None) -> tuple[list[dict], list[str] | None]:
+    from ..data import apply_prompt_format, build_causal_lm_examples, build_classification_examples
 
     if task == "causal-lm":
-        return build_causal_lm_examples(records, tok, max_length), None
+        return build_causal_lm_examples(apply_prompt_format(records, prompt_format), tok, max_length), None
     ex, names = build_classification_examples(records, tok, max_length, text_pair_col=_pair_col(records), labels=labels)
     return ex, names
 
@@ -111,34 +111,42 @@ def macro_f1(pred: torch.Tensor, gold: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def exact_match(model: nn.Module, tok: Any, records: list[dict], max_new_tokens: int = 32, numeric: bool | None = None,
-                batch_size: int = 8) -> float:
+def exact_match(model: nn.Module, tok: Any, records: list[dict], max_new_tokens: int | None = None,
+                numeric: bool | None = None, batch_size: int = 32, prompt_format: str | None = None) -> float:
     """Greedy generation on each record's ``prompt``; a hit when the answer equals the ``completion``.
 
-    Numeric tasks (completions holding ``####`` or a number only) compare the extracted number
-    (:func:`peftkit.data.extract_answer`); others the first line of the generation, stripped.
+    The prompt is laid out by ``prompt_format`` exactly as in training (:func:`peftkit.data.prompt_ids`).
+    Numeric tasks (completions holding ``####``) compare the extracted number
+    (:func:`peftkit.data.extract_answer`: the number after ``####``, else the last number generated);
+    others the first line of the generation, stripped. ``max_new_tokens`` defaults to the longest
+    reference completion in tokens plus 16.
     """
-    from ..data import extract_answer
+    from ..data import extract_answer, prompt_ids
 
     model.eval()
+    device = next(model.parameters()).device
+    prompts = [prompt_ids(tok, str(r["prompt"]), prompt_format) for r in records]
+    if max_new_tokens is None:
+        lengths = [len(ids) for ids in tok([str(r["completion"]) for r in records], add_special_tokens=False)["input_ids"]]
+        max_new_tokens = max(lengths, default=16) + 16
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     hits = 0
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        for i in range(0, len(records), batch_size):
-            chunk = records[i:i + batch_size]
-            enc = tok([r["prompt"] for r in chunk], return_tensors="pt", padding=True)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-            for r, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:], strict=True):
-                text = tok.decode(seq, skip_special_tokens=True)
-                want = str(r["completion"])
-                use_num = numeric if numeric is not None else ("####" in want)
-                if use_num:
-                    hits += extract_answer(text) is not None and extract_answer(text) == extract_answer(want)
-                else:
-                    hits += text.strip().split("\n")[0].strip() == want.strip()
-    finally:
-        tok.padding_side = side
+    order = sorted(range(len(records)), key=lambda i: len(prompts[i]))  # similar lengths together: little padding
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad)
+        for i, seq in zip(chunk, out[:, width:], strict=True):
+            text = tok.decode(seq, skip_special_tokens=True)
+            want = str(records[i]["completion"])
+            if numeric if numeric is not None else ("####" in want):
+                got = extract_answer(text)
+                hits += got is not None and got == extract_answer(want)
+            else:
+                hits += text.strip().split("\n")[0].strip() == want.strip()
     return hits / max(len(records), 1)
 
 
@@ -149,6 +157,6 @@ def write_task(adapter_dir: Path, info: dict[str, Any]) -> None:
 def read_task(adapter_dir: Path) -> dict[str, Any]:
     p = Path(adapter_dir) / TASK_FILE
     if not p.is_file():
-        raise ConfigError(f"{adapter_dir}: no {TASK_FILE} (was this adapter written by `peftkit train`?); "
-                          "pass --model and --task")
+        raise ConfigError(f"{adapter_dir}: no {TASK_FILE} (it was not written by `peftkit train`); for a causal-LM "
+                          "adapter saved by peftkit.save or by peft, pass --model and --task causal-lm")
     return json.loads(p.read_text())

@@ -12,18 +12,23 @@ from .answers import extract_answer, normalize_number
 from .batching import batches, collate, pad_count
 from .causal import IGNORE_INDEX, DroppedExamplesWarning, build_causal_lm_examples
 from .classification import build_classification_examples
+from .prompts import PROMPT_FORMATS, apply_prompt_format, check_prompt_format, prompt_ids
 from .records import load_records, rename_columns
 
 __all__ = [
     "IGNORE_INDEX",
+    "PROMPT_FORMATS",
     "DroppedExamplesWarning",
+    "apply_prompt_format",
     "batches",
     "build_causal_lm_examples",
     "build_classification_examples",
+    "check_prompt_format",
     "collate",
     "extract_answer",
     "load_records",
     "normalize_number",
     "pad_count",
+    "prompt_ids",
     "rename_columns",
 ]

@@ -59,7 +59,7 @@ def build_causal_lm_examples(records: Iterable[Mapping[str, Any]], tokenizer: An
     if pairs:
         prompts = [_text(records[i], prompt_col, i) for i in pairs]
         completions = [_text(records[i], completion_col, i) for i in pairs]
-        prefix = _leading_special_ids(tokenizer)
+        prefix = leading_special_ids(tokenizer)
         p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         c_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
         end = _end_ids(tokenizer)
@@ -111,7 +111,7 @@ def _text(r: Mapping[str, Any], col: str, i: int) -> str:
     raise ConfigError(f"record {i + 1}: column {col!r} must be text, got {type(v).__name__}")
 
 
-def _leading_special_ids(tokenizer: Any) -> list[int]:
+def leading_special_ids(tokenizer: Any) -> list[int]:
     """The special tokens the tokenizer puts *before* a single text by default (BOS, [CLS]); never trailing ones."""
     probe = "a"
     full = list(tokenizer(probe)["input_ids"])
@@ -160,7 +160,7 @@ def _messages(r: Mapping[str, Any], col: str, i: int) -> list[dict[str, Any]]:
     return [dict(m) for m in msgs]
 
 
-def _render(tokenizer: Any, msgs: list[dict[str, Any]], generation_prompt: bool) -> list[int]:
+def render_chat(tokenizer: Any, msgs: list[dict[str, Any]], generation_prompt: bool) -> list[int]:
     text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
     # The template writes any BOS it wants itself: tokenizing with special tokens would add a second one.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -176,7 +176,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def _chat_example(tokenizer: Any, msgs: list[dict[str, Any]], max_length: int, i: int) -> dict[str, list[int]] | None:
     try:
-        ids = _render(tokenizer, msgs, generation_prompt=False)
+        ids = render_chat(tokenizer, msgs, generation_prompt=False)
     except Exception as e:  # jinja errors raised by the template itself (e.g. "roles must alternate")
         raise ConfigError(f"record {i + 1}: the tokenizer's chat template failed on this conversation: {e}") from None
     labels = [IGNORE_INDEX] * len(ids)
@@ -184,7 +184,7 @@ def _chat_example(tokenizer: Any, msgs: list[dict[str, Any]], max_length: int, i
         if m["role"] != "assistant":
             continue
         start = _prefix_len(tokenizer, msgs[:j], ids)
-        end = _common_prefix(ids, _render(tokenizer, msgs[: j + 1], generation_prompt=False))
+        end = _common_prefix(ids, render_chat(tokenizer, msgs[: j + 1], generation_prompt=False))
         labels[start:end] = ids[start:end]
     ids, labels = ids[:max_length], labels[:max_length]
     if all(x == IGNORE_INDEX for x in labels):
@@ -199,7 +199,7 @@ def _prefix_len(tokenizer: Any, prefix: list[dict[str, Any]], full: list[int]) -
         return 0
     for gen in (True, False):
         try:
-            return _common_prefix(full, _render(tokenizer, prefix, generation_prompt=gen))
+            return _common_prefix(full, render_chat(tokenizer, prefix, generation_prompt=gen))
         except Exception:  # some templates refuse a generation prompt after certain roles
             continue
     return 0
