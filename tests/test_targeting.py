@@ -54,6 +54,13 @@ def test_pattern_matching_nothing_is_named_with_suggestions_even_if_others_match
     assert not any(isinstance(x, peftkit.core.site.AdapterSite) for x in m.modules())  # untouched
 
 
+def test_pattern_far_from_every_name_lists_the_layer_names():
+    with pytest.raises(peftkit.TargetError) as e:
+        peftkit.attach(MODELS["bert"](0)[0], peftkit.LoRA(target_modules=["qkv"]))
+    msg = str(e.value)
+    assert "layers are named" in msg and "query" in msg and "classifier" in msg and "encoder" not in msg
+
+
 def test_bad_regex_is_reported():
     with pytest.raises(peftkit.ConfigError, match="regular expression"):
         targets(llama(), ["re:(unclosed"])

@@ -149,9 +149,15 @@ def resolve_targets(model: nn.Module, target_modules: Any, exclude_modules: Any 
     if missing:
         names = [display_name(n) for n, _ in modules]
         lines = []
+        leaves = list(dict.fromkeys(display_name(n).rsplit(".", 1)[-1] for n, m in modules
+                                    if n and next(m.parameters(recurse=False), None) is not None))
         for p in missing:
             near = closest(str(p), names) if isinstance(p, str) else []
-            hint = f"; closest module names: {', '.join(near)}" if near else ""
+            if near:
+                hint = f"; closest module names: {', '.join(near)}"
+            else:
+                shown = ", ".join(leaves[:15]) + (", ..." if len(leaves) > 15 else "")
+                hint = f"; the model's layers are named (last part): {shown}" if leaves else ""
             lines.append(f"target pattern {p!r} matches no module of {type(model).__name__}{hint}")
         raise TargetError("; ".join(lines))
     return selected

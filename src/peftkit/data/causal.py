@@ -83,19 +83,20 @@ def build_causal_lm_examples(records: Iterable[Mapping[str, Any]], tokenizer: An
 def _schema(r: Mapping[str, Any], i: int, prompt_col: str, completion_col: str, messages_col: str) -> str:
     if prompt_col in r and r[prompt_col] is not None:
         if completion_col not in r or r[completion_col] is None:
-            raise ConfigError(_missing(r, i, completion_col, f"record {i + 1} has a {prompt_col!r} column but no "
-                                                             f"{completion_col!r} column"))
+            others = [k for k in r if k != prompt_col]
+            guess = did_you_mean(completion_col, others)
+            if not guess and others:
+                guess = (f"; map another column to it, e.g. columns={{{completion_col!r}: {others[0]!r}}} "
+                         f"(CLI: --columns {prompt_col}=...,{completion_col}={others[0]})")
+            raise ConfigError(f"record {i + 1} has a {prompt_col!r} column but no {completion_col!r} column{guess}; "
+                              f"columns present: {_cols(r)}")
         return "pair"
     if messages_col in r and r[messages_col] is not None:
         return "chat"
     guess = did_you_mean(prompt_col, r) or did_you_mean(messages_col, r) or did_you_mean(completion_col, r)
     raise ConfigError(f"record {i + 1} has neither a {prompt_col!r} column (with {completion_col!r}) nor a "
                       f"{messages_col!r} column{guess}; columns present: {_cols(r)}. Rename columns, e.g. "
-                      "columns={'prompt': 'question', 'completion': 'answer'}")
-
-
-def _missing(r: Mapping[str, Any], i: int, col: str, head: str) -> str:
-    return f"{head}{did_you_mean(col, r)}; columns present: {_cols(r)}"
+                      "columns={'prompt': 'question', 'completion': 'answer'} (CLI: --columns prompt=question,completion=answer)")
 
 
 def _cols(r: Mapping[str, Any]) -> str:
