@@ -108,6 +108,61 @@ def worker(out: Path) -> None:
     dist.destroy_process_group()
 
 
+def counting_evaluate():
+    """An evaluation whose metric ``eval_call_loss`` is lowest at the first call: the best adapter is the first
+    evaluated one, so the loop must restore it (into sharded parameters) at the end."""
+    from peftkit.train import default_evaluate
+
+    calls = [0]
+
+    def evaluate(model, batches):
+        calls[0] += 1
+        return {**default_evaluate(model, batches), "call_loss": float(calls[0])}
+
+    return evaluate
+
+
+def loop_config(out: Path, **kw):
+    from peftkit.train import TrainConfig
+
+    base = {"lr": 1e-2, "batch_size": 2, "grad_accum": 2, "max_steps": 3, "eval_every": 2, "log_every": 1,
+            "progress": False, "metric": "eval_call_loss"}
+    return TrainConfig(output=str(out), **{**base, **kw})
+
+
+def loop_worker(out: Path) -> None:
+    """One rank of ``peftkit.train.train`` with ``fsdp=True`` (the loop initialises the process group)."""
+    import torch.distributed as dist
+
+    from peftkit.train import train
+    from tests.test_train import collate, llama_lora, lm_examples
+
+    model = llama_lora()
+    train(model, loop_config(out, fsdp=True), lm_examples(12), lm_examples(4), collate=collate,
+          evaluate=counting_evaluate())
+    assert any(type(m).__name__.startswith("FSDP") for m in model.modules())
+    dist.destroy_process_group()
+
+
+def _launch(target: str, out: Path) -> None:
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; " \
+           f"from tests.test_fsdp import {target}; {target}(Path({str(out)!r}))"
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=str(ROOT),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        logs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(logs)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -132,22 +187,7 @@ def test_fsdp2_train_save_load(tmp_path):
         pytest.skip(reason)
     out = tmp_path / "fsdp"
     out.mkdir()
-    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; " \
-           f"from tests.test_fsdp import worker; worker(Path({str(out)!r}))"
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=str(ROOT),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [p.communicate(timeout=180)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n\n".join(logs)
+    _launch("worker", out)
 
     fused_calls, *errors = (out / "report.txt").read_text().splitlines()
     assert int(fused_calls) > 0  # the fused LoRA kernel ran on the unsharded weights
@@ -173,6 +213,36 @@ def test_fsdp2_train_save_load(tmp_path):
         assert torch.allclose(got, ref["sharded"], atol=1e-5, rtol=0), (directory, (got - ref["sharded"]).abs().max())
         assert torch.allclose(got, ref["load_then_shard"], atol=1e-5, rtol=0), directory
     assert not torch.allclose(ref["sharded"], logits(tiny_llama(0)[0], inputs), atol=1e-3)  # training changed it
+
+
+def test_train_loop_with_fsdp_matches_single_process(tmp_path):
+    """``train(..., TrainConfig(fsdp=True))`` on 2 ranks: the saved adapter equals a single-process run on the
+    same global batches, including the restore of the best (first evaluated) adapter into sharded parameters."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from peftkit.train import train
+    from tests.test_train import collate, llama_lora, lm_examples
+
+    reason = _fsdp2_unavailable()
+    if reason:
+        pytest.skip(reason)
+    _launch("loop_worker", tmp_path / "fsdp")
+    single = llama_lora()
+    metrics = train(single, loop_config(tmp_path / "single", batch_size=4), lm_examples(12), lm_examples(4),
+                    collate=collate, evaluate=counting_evaluate())
+    assert metrics["best_step"] == 2  # the loop restored step 2's adapter at the end
+    saved = load_file(tmp_path / "fsdp" / "adapter" / "adapter.safetensors")
+    want = load_file(tmp_path / "single" / "adapter" / "adapter.safetensors")
+    assert saved.keys() == want.keys()
+    for k in saved:
+        assert torch.allclose(saved[k], want[k], atol=1e-5, rtol=0), (k, (saved[k] - want[k]).abs().max())
+    sharded_metrics = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
+    assert sharded_metrics["best_step"] == 2
+    assert sharded_metrics["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-5)
+    with pytest.raises(peftkit.ConfigError, match="fsdp"):
+        loop_config(tmp_path, fsdp=True, save_every=1).validate()
 
 
 if __name__ == "__main__":  # pragma: no cover

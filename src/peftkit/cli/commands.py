@@ -20,7 +20,7 @@ from .options import build_config, parse_method_flags
 TRAIN_KEYS = {"model", "task", "method", "data", "eval_data", "output", "columns", "epochs", "max_steps", "batch_size",
               "grad_accum", "lr", "warmup", "seed", "max_length", "eval_every", "save_every", "early_stopping_patience",
               "weight_decay", "max_grad_norm", "loraplus_ratio", "log_every", "schedule", "metric",
-              "gradient_checkpointing", "resume", "exact_match", "prompt_format", "max_new_tokens"}
+              "gradient_checkpointing", "resume", "exact_match", "prompt_format", "max_new_tokens", "fsdp"}
 
 
 def _columns(spec: Any) -> dict[str, str] | None:
@@ -77,6 +77,7 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     from ..data import load_records
     from ..train import TrainConfig
     from ..train import train as run_training
+    from ..train.report import write_metrics_json
 
     s, method_opts = train_settings(args, extra)
     full = s["method"] == "full"  # full fine-tuning, for comparison: every parameter trains, no adapter
@@ -119,16 +120,20 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     metrics = run_training(model, tc, ex, eval_ex, evaluate=evaluate, trainable_extra=extra_modules,
                            pad_id=tok.pad_token_id or 0)
     out = Path(tc.output)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 writes the outputs
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    sharded = tc.fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if task == "causal-lm" and s.get("exact_match") and eval_records and (main_rank or sharded):
+        # under FSDP every rank generates (a sharded forward needs all of them); otherwise rank 0 alone
+        n = int(s["exact_match"])
+        metrics["eval_exact_match"] = tasks.exact_match(model, tok, eval_records[:n], s.get("max_new_tokens"),
+                                                        prompt_format=fmt)
+        if main_rank:
+            write_metrics_json(out / "metrics.json", metrics)
+    if not main_rank:  # under torchrun, rank 0 writes the outputs
         return 0
     info = {"task": task, "model": s["model"], "method": config.method if config else "full", "labels": labels,
             "max_length": max_length, "columns": cols, "prompt_format": fmt}
     tasks.write_task(out / "adapter", info)
-    if task == "causal-lm" and s.get("exact_match") and eval_records:
-        n = int(s["exact_match"])
-        metrics["eval_exact_match"] = tasks.exact_match(model, tok, eval_records[:n], s.get("max_new_tokens"),
-                                                        prompt_format=fmt)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     print("\n".join(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in shown.items()))
     print(f"adapter: {out / 'adapter'}   report: {out / 'report.md'}   curves: {out / 'curves.png'}")

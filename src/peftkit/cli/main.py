@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--metric", help="the eval metric for the best adapter and early stopping")
     t.add_argument("--gradient-checkpointing", action="store_true", default=None)
     t.add_argument("--resume", action="store_true", default=None)
+    t.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard the model with FSDP2 instead of replicating it (DDP)")
     t.add_argument("--exact-match", type=int, default=None, metavar="N",
                    help="causal-lm: also report generation exact match on the first N eval rows at the end")
     t.add_argument("--max-new-tokens", type=int, default=None,

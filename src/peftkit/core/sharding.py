@@ -74,6 +74,20 @@ def full_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.full_tensor() if _is_dtensor(v) else v for k, v in tensors.items()}
 
 
+def copy_full_into(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """``dst.copy_(full)``; for a ``DTensor`` ``dst``, ``full`` is laid out like it first (collective)."""
+    if is_distributed() and _is_dtensor(dst):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full.to(device=dst.device, dtype=dst.dtype), dst.device_mesh, dst.placements)
+    dst.copy_(full)
+
+
+def scalar(t: torch.Tensor) -> float:
+    """A 0-d tensor (or a ``DTensor`` such as FSDP's gradient norm) as a float."""
+    return float(t.full_tensor() if is_distributed() and _is_dtensor(t) else t)
+
+
 @contextlib.contextmanager
 def _full_tensors_in(module: nn.Module, full: dict[str, torch.Tensor]) -> Iterator[None]:
     """Inside the block, ``module``'s ``DTensor`` parameters and buffers are their full tensors."""

@@ -30,7 +30,8 @@ from torch import nn
 
 from ..core.errors import AdapterLoadError
 from ..core.files import json_to_bytes, read_json, read_safetensors, tensors_to_bytes, write_files
-from ..core.model import adapter_names
+from ..core.model import adapter_modules, adapter_names
+from ..core.sharding import copy_full_into, full_state
 from ..core.state import adapter_state
 
 CHECKPOINT = "checkpoint"
@@ -67,13 +68,23 @@ def trained_tensors(model: nn.Module, extra: dict[str, nn.Parameter]) -> dict[st
     for name in adapter_names(model):
         state, _ = adapter_state(model, name)
         out.update({f"adapter/{name}/{k}": v for k, v in state.items()})
+    out.update({f"extra/{k}": p for k, p in full_state(dict(extra)).items()})
+    return out
+
+
+def _live_tensors(model: nn.Module, extra: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The model's own tensors behind :func:`trained_tensors` (shards under FSDP), under the same keys."""
+    out: dict[str, torch.Tensor] = {}
+    for name in adapter_names(model):
+        for path, _, mod in adapter_modules(model, name):
+            out.update({f"adapter/{name}/{path}.{k}": v for k, v in mod.state_dict(keep_vars=True).items()})
     out.update({f"extra/{k}": p for k, p in extra.items()})
     return out
 
 
 def restore_trained(model: nn.Module, extra: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy tensors saved by :func:`trained_tensors` back into the model, checking every name and shape."""
-    current = trained_tensors(model, extra)
+    current = _live_tensors(model, extra)
     missing = sorted(set(current) - set(tensors))
     unexpected = sorted(set(tensors) - set(current))
     bad = [k for k in current if k in tensors and tensors[k].shape != current[k].shape]
@@ -82,7 +93,7 @@ def restore_trained(model: nn.Module, extra: dict[str, nn.Parameter], tensors: d
                                f"unexpected: {unexpected[:5]}, wrong shape: {bad[:5]}); was the same adapter attached?")
     with torch.no_grad():
         for k, t in current.items():
-            t.copy_(tensors[k])
+            copy_full_into(t, tensors[k])
 
 
 def save_extra(extra: dict[str, nn.Parameter], directory: Path) -> dict[Path, bytes]:

@@ -20,6 +20,9 @@ class TrainConfig:
     ``metric`` is the eval metric for early stopping and for picking the best adapter: lower is
     better when its name contains ``loss`` (or ``perplexity``), higher otherwise.
     ``progress``: ``None`` shows a progress bar only when stderr is a terminal.
+    ``fsdp``: under ``torchrun``, shard the model with FSDP2 (every transformer block, then the root)
+    instead of replicating it with DDP — for models that do not fit one device. Checkpoints
+    (``save_every``, ``resume``) are not available with it yet; the final adapter is saved.
     """
 
     output: str
@@ -42,6 +45,7 @@ class TrainConfig:
     log_every: int = 10
     resume: bool = False
     progress: bool | None = None
+    fsdp: bool = False
 
     def validate(self) -> None:
         """Raise :class:`peftkit.ConfigError` naming the first bad option."""
@@ -64,6 +68,9 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule: unknown value {self.schedule!r}{did_you_mean(self.schedule, SCHEDULES)}; "
                               f"choose one of {', '.join(SCHEDULES)}")
+        if self.fsdp and (self.save_every or self.resume):
+            raise ConfigError("fsdp: checkpoints (save_every / resume) are not supported with FSDP yet; "
+                              "drop them (the final adapter is still saved) or train without fsdp")
         if not self.metric:
             raise ConfigError("metric: a metric name such as 'eval_loss' is required")
 

@@ -17,6 +17,9 @@ Choices:
   decisions. (The others wait in the broadcast: an evaluation longer than the process group's
   timeout, 30 minutes by default, needs a larger ``timeout`` in ``init_process_group``.)
 * Checkpoints hold the RNG states of every rank, and each rank restores its own on ``resume``.
+* ``TrainConfig.fsdp``: instead of DDP, the model is sharded with FSDP2 (:func:`fully_shard_model`);
+  every rank then evaluates (a sharded forward needs all of them) and takes part in saving
+  (the adapter tensors are gathered, rank 0 writes).
 """
 
 from __future__ import annotations
@@ -77,6 +80,30 @@ def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
 
     device_ids = [info.local_rank] if any(p.is_cuda for p in model.parameters()) else None
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a model: the modules whose class is in transformers' ``_no_split_modules``,
+    else the children of the longest ``nn.ModuleList``."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+        blocks = list(max(lists, key=len)) if lists else []
+    return blocks
+
+
+def fully_shard_model(model: nn.Module) -> int:
+    """FSDP2: ``fully_shard`` every transformer block, then the root (embeddings, head, the rest); returns the
+    number of blocks. Base weights and adapters alike are sharded over the ranks; a block's full weights
+    exist only while it runs. Attach adapters before this."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return len(blocks)
 
 
 def shard(batch: dict[str, torch.Tensor], info: DistInfo) -> dict[str, torch.Tensor] | None:

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..core.api import adapter_parameters
 from ..core.errors import ConfigError, did_you_mean
+from ..core.sharding import full_state, scalar
 from . import checkpoint, distributed, report
 from .config import TrainConfig
 from .schedule import make_scheduler
@@ -72,11 +73,16 @@ def train(model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], 
     info = distributed.setup(model)
     output = Path(config.output)
     extra = _unfreeze_extra(model, trainable_extra)
-    params = [p for p in adapter_parameters(model).values() if p.requires_grad] + list(extra.values())
-    if not params:
+    if not any(p.requires_grad for p in adapter_parameters(model).values()) and not extra:
         raise ConfigError("nothing to train: the model has no trainable adapter parameters (attach an adapter first)")
     if config.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
+    sharded = config.fsdp and info.enabled
+    if sharded:  # FSDP2 replaces every parameter by a sharded one: look them up again afterwards
+        distributed.fully_shard_model(model)
+        named = dict(model.named_parameters())
+        extra = {k: named[k] for k in extra}
+    params = [p for p in adapter_parameters(model).values() if p.requires_grad] + list(extra.values())
     if collate is None:
         collate = _default_collate(pad_id)
     device = next(model.parameters()).device
@@ -113,7 +119,7 @@ def train(model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], 
         report.rewrite_jsonl(output / "metrics.jsonl", s["history"])
 
     eval_batches = collate(eval_examples, config.batch_size, False, config.seed) if eval_examples else None
-    net = distributed.wrap(model, info)
+    net = model if sharded else distributed.wrap(model, info)
     was_training = model.training
     model.train()
     show = config.progress if config.progress is not None else sys.stderr.isatty()
@@ -130,6 +136,10 @@ def train(model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], 
         state = {k: v for k, v in s.items()}
         state.update(epoch=resume_point["epoch"], pos=resume_point["pos"], config=config.to_dict(),
                      world_size=info.world_size)
+        if sharded:  # refused by TrainConfig.validate, except on Ctrl-C
+            if info.is_main:
+                print("fsdp: no checkpoint is written under FSDP", file=sys.stderr)
+            return
         rank_rngs = distributed.gather(resume_point["rng"], info) if info.enabled else None
         if info.is_main:
             state["train_seconds"] = s["train_seconds"] + time.monotonic() - start
@@ -138,7 +148,10 @@ def train(model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], 
 
     def run_eval() -> dict[str, float]:
         nonlocal best_tensors, last_eval_step
-        metrics = distributed.from_main(lambda: _evaluate(model, eval_batches, evaluate, device), info)
+        if sharded:  # a sharded forward needs every rank
+            metrics = _evaluate(model, eval_batches, evaluate, device)
+        else:
+            metrics = distributed.from_main(lambda: _evaluate(model, eval_batches, evaluate, device), info)
         model.train()
         last_eval_step = s["step"]
         value = metrics.get(config.metric)
@@ -164,16 +177,19 @@ def train(model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], 
             micro = [_to_device(b, device) for b in micro if b is not None]
             loss_sum, tokens = 0.0, 0
             for i, b in enumerate(micro):
-                sync = contextlib.nullcontext() if not info.enabled or i == len(micro) - 1 else net.no_sync()
+                last = i == len(micro) - 1
+                if sharded:
+                    model.set_requires_gradient_sync(last)  # type: ignore[operator]
+                sync = contextlib.nullcontext() if not info.enabled or sharded or last else net.no_sync()
                 with sync:
                     loss = _loss(net(**b))
                     (loss / len(micro)).backward()
                 loss_sum += loss.item()
                 tokens += _count_tokens(b)
             if config.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+                grad_norm = scalar(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             else:
-                grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+                grad_norm = scalar(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
             lr = optimizer.param_groups[0]["lr"]
             if micro:
                 optimizer.step()
@@ -225,8 +241,8 @@ def train(model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], 
         checkpoint.restore_trained(model, extra, best_tensors, "best adapter")
         last_eval = next(r for r in s["history"] if config.metric in r and r["step"] == s["best_step"])
     metrics = _final_metrics(s, config, params, device, last_eval, interrupted)
-    if info.is_main:
-        _write_outputs(model, extra, output, metrics, config, s["history"])
+    if info.is_main or sharded:  # under FSDP every rank takes part in gathering the adapter
+        _write_outputs(model, extra, output, metrics, config, s["history"], info.is_main)
     distributed.barrier(info)
     model.train(was_training)
     return metrics
@@ -267,14 +283,19 @@ def _final_metrics(s: dict[str, Any], config: TrainConfig, params: list[nn.Param
 
 
 def _write_outputs(model: nn.Module, extra: dict[str, nn.Parameter], output: Path, metrics: dict[str, Any],
-                   config: TrainConfig, history: list[dict[str, Any]]) -> None:
+                   config: TrainConfig, history: list[dict[str, Any]], main: bool = True) -> None:
+    """The adapter, extra weights, metrics, plot and report. Under FSDP every rank calls this (the adapter and
+    extra tensors are gathered) and only the ``main`` rank writes."""
     import peftkit
 
     from ..core.model import adapter_names
 
     if adapter_names(model):
         peftkit.save(model, output / "adapter")
-    checkpoint.write_files(checkpoint.save_extra(extra, output / "adapter"))
+    full_extra = full_state(dict(extra))
+    if not main:
+        return
+    checkpoint.write_files(checkpoint.save_extra(full_extra, output / "adapter"))
     report.write_metrics_json(output / "metrics.json", metrics)
     report.plot_curves(output / "curves.png", history, config.metric)
     report.write_report(output / "report.md", metrics, config.to_dict(), history)
