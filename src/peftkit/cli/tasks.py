@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,9 @@ def exact_match(model: nn.Module, tok: Any, records: list[dict], max_new_tokens:
                 hits += got is not None and got == extract_answer(want)
             else:
                 hits += text.strip().split("\n")[0].strip() == want.strip()
+        done = min(start + batch_size, len(order))
+        if len(order) > batch_size:  # long runs (minutes on a CPU) report as they go
+            print(f"exact match: {done}/{len(order)} generated, {hits} correct", file=sys.stderr, flush=True)
     return hits / max(len(records), 1)
 
 
