@@ -189,3 +189,35 @@ def test_eval_and_generate_an_adapter_written_by_peft(llama_dir, lm_data, tmp_pa
     assert ours == pytest.approx(want, abs=1e-4)
     assert main(["generate", "--adapter", str(tmp_path / "hf"), "--model", str(llama_dir), "--prompt", "what is",
                  "--max-new-tokens", "2"]) == 0
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_train_under_torchrun_two_processes(llama_dir, lm_data, tmp_path, fsdp):
+    """`torchrun --nproc_per_node=2 -m peftkit.cli.main -- train ...` (DDP, or FSDP2 with --fsdp): rank 0 writes one
+    adapter, which equals a single-process run on the same global batches (2 × 2 rows = 4 rows)."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    if fsdp:
+        pytest.importorskip("torch.distributed.fsdp", reason="no FSDP")
+    train, evald = lm_data
+    common = ["--model", str(llama_dir), "--task", "causal-lm", "--method", "lora", "--r", "4", "--data", str(train),
+              "--eval-data", str(evald), "--max-steps", "3", "--lr", "1e-2", "--seed", "3", "--exact-match", "2",
+              "--max-new-tokens", "2"]
+    dist_out = tmp_path / "dist"
+    flags = ["--fsdp"] if fsdp else []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "peftkit.cli.main", "--", "train", *common, "--batch-size", "2", "--output", str(dist_out), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert main(["train", *common, "--batch-size", "4", "--output", str(tmp_path / "single")]) == 0
+    got = load_file(dist_out / "adapter" / "adapter.safetensors")
+    want = load_file(tmp_path / "single" / "adapter" / "adapter.safetensors")
+    assert got.keys() == want.keys()
+    for k in got:
+        assert torch.allclose(got[k], want[k], atol=1e-5, rtol=0), k
+    metrics = json.loads((dist_out / "metrics.json").read_text())
+    assert "eval_exact_match" in metrics and (dist_out / "adapter" / "peftkit_task.json").is_file()

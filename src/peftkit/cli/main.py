@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m peftkit.cli.main -- train ...` may pass the separator on
+        argv = argv[1:]
     args, extra = ap.parse_known_args(argv)
     if extra and args.command != "train":
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
