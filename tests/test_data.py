@@ -339,7 +339,7 @@ def test_prompt_formats_train_and_generate_on_the_same_tokens():
     for fmt in ("plain", "chat", "Q: {prompt}\nA:"):
         ex = build_causal_lm_examples(apply_prompt_format(rec, fmt), tok, 128)[0]
         start = next(i for i, x in enumerate(ex["labels"]) if x != IGNORE_INDEX)
-        assert ex["input_ids"][:start] == prompt_ids(tok, "red blue", fmt), fmt
+        assert ex["input_ids"][:start] == prompt_ids(tok, ["red blue"], fmt)[0], fmt
     chat = apply_prompt_format(rec, "chat")[0]
     assert chat["messages"] == [{"role": "user", "content": "red blue"}, {"role": "assistant", "content": "blue red"}]
     assert apply_prompt_format(rec, "Q: {prompt}")[0]["prompt"] == "Q: red blue"

@@ -101,7 +101,7 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     fmt = check_prompt_format(fmt, tok) if task == "causal-lm" else None
     ex, labels = tasks.examples(task, records, tok, max_length, prompt_format=fmt)
     eval_ex = tasks.examples(task, eval_records, tok, max_length, labels, fmt)[0] if eval_records else None
-    model, tok = tasks.load_model(s["model"], task, num_labels=len(labels) if labels else None, seed=tc.seed)
+    model, tok = tasks.load_model(s["model"], task, num_labels=len(labels) if labels else None, seed=tc.seed, tok=tok)
     if labels:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {n: i for i, n in enumerate(labels)}
@@ -140,14 +140,15 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _load_adapted(adapter: Path | None, info: dict[str, Any], model_name: str | None = None):
+def _load_adapted(adapter: Path | None, info: dict[str, Any], model_name: str | None = None, tok: Any = None):
     """The base model (``model_name`` or the one recorded in ``info``) with the adapter of ``adapter`` loaded."""
     from ..core.state import load
     from ..train import load_extra
 
     task = info["task"]
     labels = info.get("labels")
-    model, tok = tasks.load_model(model_name or info["model"], task, num_labels=len(labels) if labels else None)
+    model, tok = tasks.load_model(model_name or info["model"], task, num_labels=len(labels) if labels else None,
+                                  tok=tok)
     if adapter is not None and info.get("method") != "full":
         load(model, adapter)
     if adapter is not None and (adapter / "extra.safetensors").is_file():
@@ -179,14 +180,12 @@ def evaluate(args: argparse.Namespace, extra: list[str]) -> int:
             raise ConfigError(f"--task {args.task}: the adapter was trained for {info['task']}")
     records = load_records(args.data, _columns(args.columns) or info.get("columns"))
     fmt = args.prompt_format if args.prompt_format is not None else info.get("prompt_format")
-    if args.model:
-        tasks.check_model_name(args.model)
     tok = tasks.load_tokenizer(args.model or info["model"])
     if info["task"] == "causal-lm":
         fmt = check_prompt_format(fmt, tok)
     max_length = args.max_length or info.get("max_length") or 256
     ex, _ = tasks.examples(info["task"], records, tok, max_length, info.get("labels"), fmt)  # checked before loading
-    model, tok = _load_adapted(adapter, info, args.model)
+    model, tok = _load_adapted(adapter, info, args.model, tok)
     bl = batches(ex, args.batch_size, tok.pad_token_id or 0, shuffle=False, seed=0, bucket=False)
     with torch.no_grad():
         raw = tasks.classification_metrics(model, bl) if info["task"] == "classification" else default_evaluate(model, bl)
@@ -205,7 +204,6 @@ def generate(args: argparse.Namespace, extra: list[str]) -> int:
     from ..core.api import activate
     from ..core.state import load
     from ..data import prompt_ids
-    from ..hub.models import load_causal_lm
 
     dirs = [Path(a) for a in args.adapter]
     for d in dirs:
@@ -216,8 +214,9 @@ def generate(args: argparse.Namespace, extra: list[str]) -> int:
     if not model_name:
         raise ConfigError("--model is required when no adapter records its base model")
     fmt = "chat" if args.chat else (args.prompt_format or next((i.get("prompt_format") for i in infos), None))
-    model, tok = load_causal_lm(model_name)
+    tok = tasks.load_tokenizer(model_name)  # the name and the prompt format are checked before the model loads
     fmt = check_prompt_format(fmt, tok)
+    model, tok = tasks.load_model(model_name, "causal-lm", tok=tok)
     names = []
     for i, d in enumerate(dirs):
         name = f"a{i}"
@@ -228,7 +227,7 @@ def generate(args: argparse.Namespace, extra: list[str]) -> int:
     model.eval()
     prompts = [args.prompt] if args.prompt is not None else [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for p in prompts:
-        ids = torch.tensor([prompt_ids(tok, p, fmt)])
+        ids = torch.tensor(prompt_ids(tok, [p], fmt))
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                                  do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)

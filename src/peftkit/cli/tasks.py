@@ -10,7 +10,6 @@ adapter directory.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ def check_model_name(name: str) -> None:
 
 
 def load_tokenizer(name: str) -> Any:
+    """The tokenizer of a model alias or local directory, with a pad token (eos when it has none)."""
     from ..hub.models import load_tokenizer as _load
 
     check_model_name(name)
@@ -51,20 +51,17 @@ def load_tokenizer(name: str) -> Any:
     return tok
 
 
-def load_model(name: str, task: str, num_labels: int | None = None, seed: int = 0) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` for a model alias or local directory; the tokenizer gets a pad token."""
+def load_model(name: str, task: str, num_labels: int | None = None, seed: int = 0,
+               tok: Any = None) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` for a model alias or local directory; ``tok`` (from :func:`load_tokenizer`) is reused,
+    else loaded."""
     from ..hub.models import load_causal_lm, load_encoder
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    check_model_name(name)
+    tok = tok if tok is not None else load_tokenizer(name)
     torch.manual_seed(seed)  # the new classification head's initialisation
     if task == "causal-lm":
-        model, tok = load_causal_lm(name)
-    else:
-        model, tok = load_encoder(name, num_labels=num_labels or 2)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
+        return load_causal_lm(name, tokenizer=tok)
+    return load_encoder(name, num_labels=num_labels or 2, tokenizer=tok)
 
 
 def head_name(model: nn.Module) -> str:
@@ -126,7 +123,7 @@ def exact_match(model: nn.Module, tok: Any, records: list[dict], max_new_tokens:
 
     model.eval()
     device = next(model.parameters()).device
-    prompts = [prompt_ids(tok, str(r["prompt"]), prompt_format) for r in records]
+    prompts = prompt_ids(tok, [str(r["prompt"]) for r in records], prompt_format)
     if max_new_tokens is None:
         lengths = [len(ids) for ids in tok([str(r["completion"]) for r in records], add_special_tokens=False)["input_ids"]]
         max_new_tokens = max(lengths, default=16) + 16

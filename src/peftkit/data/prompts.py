@@ -53,12 +53,14 @@ def apply_prompt_format(records: Iterable[Mapping[str, Any]], fmt: str | None, p
     return out
 
 
-def prompt_ids(tokenizer: Any, prompt: str, fmt: str | None) -> list[int]:
-    """The token ids that generation for ``prompt`` starts from under ``fmt`` — the prompt part of a training example."""
+def prompt_ids(tokenizer: Any, prompts: list[str], fmt: str | None) -> list[list[int]]:
+    """For each prompt, the token ids that generation starts from under ``fmt``: the prompt part of a training
+    example, token for token."""
     from .causal import leading_special_ids, render_chat
 
     fmt = check_prompt_format(fmt)
     if fmt == "chat":
-        return render_chat(tokenizer, [{"role": "user", "content": prompt}], generation_prompt=True)
-    text = prompt if fmt == "plain" else fmt.replace(PLACEHOLDER, prompt)
-    return leading_special_ids(tokenizer) + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return [render_chat(tokenizer, [{"role": "user", "content": p}], generation_prompt=True) for p in prompts]
+    texts = prompts if fmt == "plain" else [fmt.replace(PLACEHOLDER, p) for p in prompts]
+    prefix = leading_special_ids(tokenizer)
+    return [prefix + list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []

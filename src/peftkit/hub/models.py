@@ -47,40 +47,41 @@ def alias_dir(alias: str) -> tuple[Path, str | None]:
     return d, a.gguf_file
 
 
-def load_causal_lm(alias_or_path: str = "smollm2-135m"):
-    """``(model, tokenizer)`` for a causal LM alias or a local Hugging Face directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _source(alias_or_path: str) -> tuple[Path, dict[str, str]]:
+    """``(directory, from_pretrained keywords)`` of an alias or a local directory."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if alias_or_path in ALIASES:
         d, gguf = alias_dir(alias_or_path)
-        kw = {"gguf_file": gguf} if gguf else {}
-    else:
-        d, kw = Path(alias_or_path), {}
-    tok = AutoTokenizer.from_pretrained(d, **kw)
-    model = AutoModelForCausalLM.from_pretrained(d, **kw)
-    return model, tok
-
-
-def load_encoder(alias_or_path: str = "minilm-l6", num_labels: int | None = None):
-    """``(model, tokenizer)``: the bare encoder, or a sequence classifier when ``num_labels`` is given."""
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    d = alias_dir(alias_or_path)[0] if alias_or_path in ALIASES else Path(alias_or_path)
-    tok = AutoTokenizer.from_pretrained(d)
-    if num_labels is None:
-        return AutoModel.from_pretrained(d), tok
-    # a checkpoint with another label count gets a fresh head of the right size
-    return AutoModelForSequenceClassification.from_pretrained(d, num_labels=num_labels, ignore_mismatched_sizes=True), tok
+        return d, ({"gguf_file": gguf} if gguf else {})
+    return Path(alias_or_path), {}
 
 
 def load_tokenizer(alias_or_path: str):
     """The tokenizer of a model alias or local directory (without loading the model)."""
     from transformers import AutoTokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if alias_or_path in ALIASES:
-        d, gguf = alias_dir(alias_or_path)
-        return AutoTokenizer.from_pretrained(d, **({"gguf_file": gguf} if gguf else {}))
-    return AutoTokenizer.from_pretrained(Path(alias_or_path))
+    d, kw = _source(alias_or_path)
+    return AutoTokenizer.from_pretrained(d, **kw)
+
+
+def load_causal_lm(alias_or_path: str = "smollm2-135m", tokenizer=None):
+    """``(model, tokenizer)`` for a causal LM alias or a local Hugging Face directory (``tokenizer``: one already
+    loaded, reused)."""
+    from transformers import AutoModelForCausalLM
+
+    d, kw = _source(alias_or_path)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(alias_or_path)
+    return AutoModelForCausalLM.from_pretrained(d, **kw), tok
+
+
+def load_encoder(alias_or_path: str = "minilm-l6", num_labels: int | None = None, tokenizer=None):
+    """``(model, tokenizer)``: the bare encoder, or a sequence classifier when ``num_labels`` is given."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    d, kw = _source(alias_or_path)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(alias_or_path)
+    if num_labels is None:
+        return AutoModel.from_pretrained(d, **kw), tok
+    # a checkpoint with another label count gets a fresh head of the right size
+    return AutoModelForSequenceClassification.from_pretrained(d, num_labels=num_labels, ignore_mismatched_sizes=True,
+                                                              **kw), tok

@@ -32,7 +32,6 @@ from ..core.errors import AdapterLoadError
 from ..core.files import json_to_bytes, read_json, read_safetensors, tensors_to_bytes, write_files
 from ..core.model import adapter_modules, adapter_names
 from ..core.sharding import copy_full_into, full_state
-from ..core.state import adapter_state
 
 CHECKPOINT = "checkpoint"
 OLD = ".checkpoint.old"
@@ -63,13 +62,9 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def trained_tensors(model: nn.Module, extra: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    """Every adapter's state and the extra trained parameters, keyed for ``trained.safetensors``."""
-    out: dict[str, torch.Tensor] = {}
-    for name in adapter_names(model):
-        state, _ = adapter_state(model, name)
-        out.update({f"adapter/{name}/{k}": v for k, v in state.items()})
-    out.update({f"extra/{k}": p for k, p in full_state(dict(extra)).items()})
-    return out
+    """Every adapter's state and the extra trained parameters (full tensors, detached), keyed for
+    ``trained.safetensors``. Under FSDP the shards are gathered: every rank must call it."""
+    return {k: v.detach() for k, v in full_state(_live_tensors(model, extra)).items()}
 
 
 def _live_tensors(model: nn.Module, extra: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
