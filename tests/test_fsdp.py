@@ -10,9 +10,6 @@ logits (peftkit and Hugging Face formats).
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,8 +18,8 @@ import torch
 
 import peftkit
 from tests.models import tiny_llama
+from tests.ranks import run_two_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "v_proj", "down_proj", "lm_head"]  # lm_head: outside the blocks, in the root's group
 STEPS = 2
 
@@ -145,28 +142,7 @@ def loop_worker(out: Path) -> None:
 
 
 def _launch(target: str, out: Path) -> None:
-    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; " \
-           f"from tests.test_fsdp import {target}; {target}(Path({str(out)!r}))"
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=str(ROOT),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [p.communicate(timeout=180)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n\n".join(logs)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    run_two_ranks(f"from pathlib import Path; from tests.test_fsdp import {target}; {target}(Path({str(out)!r}))")
 
 
 def _fsdp2_unavailable() -> str | None:

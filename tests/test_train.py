@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,6 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import peftkit
 from peftkit.train import TrainConfig, load_extra, lr_multiplier, make_scheduler, train, warmup_steps
 from tests.models import VOCAB, tiny_bert, tiny_llama
+from tests.ranks import run_two_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -417,28 +414,12 @@ torch.distributed.destroy_process_group()
 """
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_matches_single_process(tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "ddp"
     out.mkdir()
-    script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent(WORKER.format(root=str(ROOT), out=str(out), ga=2)))
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=120)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs
+    run_two_ranks(textwrap.dedent(WORKER.format(root=str(ROOT), out=str(out), ga=2)), timeout=120)
     r0, r1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
     # evaluation runs on rank 0 only (twice: steps 2 and 3) and every rank gets its metrics
     assert int(r0.pop("evals")) == 2 and int(r1.pop("evals")) == 0
