@@ -78,14 +78,18 @@ def read_adapters(path: str | Path, name: str | None = None, attempts: int = 5) 
     if root.is_file():
         raise AdapterLoadError(f"{root}: expected an adapter directory, got a file (pass the folder that holds it)")
     for attempt in range(attempts):
+        reader = None
         try:
-            with FolderReader(root) as reader:
-                return _read_folder(reader, name)
+            reader = FolderReader(root)
+            return _read_folder(reader, name)
         except AdapterLoadError as e:
-            if attempt + 1 < attempts and _torn(e):
+            if attempt + 1 < attempts and ((reader is not None and reader.stale()) or _torn(e)):
                 time.sleep(0.002 * (attempt + 1))
                 continue
             raise
+        finally:
+            if reader is not None:
+                reader.close()
     raise AssertionError("unreachable")  # pragma: no cover
 
 
