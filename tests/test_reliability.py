@@ -188,7 +188,7 @@ def test_load_keeps_other_adapters_trainable_and_can_leave_active_set(tmp_path):
 
 # -- refusals, not silent wrong results ----------------------------------------------------------
 def test_mixed_batch_refuses_merged_adapters_and_bad_rows():
-    m, inputs, out = lora_model()
+    m, _inputs, _out = lora_model()
     peftkit.merge(m)
     with pytest.raises(peftkit.PeftkitError, match="merged into the weights"), peftkit.mixed_batch(m, ["default"] * 4):
         pass
@@ -229,7 +229,7 @@ def test_mixed_batch_leaves_nothing_behind_and_is_per_thread():
 @pytest.mark.parametrize("method", ["dora", "oft", "lora"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_repeated_disable_of_merged_half_precision_adapters_does_not_drift(method, dtype):
-    model, inputs, out = llama(0)
+    model, _inputs, _out = llama(0)
     model.to(dtype)
     config = {"dora": peftkit.DoRA(r=4, target_modules=["q_proj", "v_proj"]),
               "oft": peftkit.OFT(oft_block_size=8, target_modules=["q_proj", "v_proj"]),
@@ -253,7 +253,8 @@ def test_repeated_disable_of_merged_half_precision_adapters_does_not_drift(metho
                            if k.endswith(("q_proj.weight", "v_proj.weight")) else model.state_dict()[k], v), k
 
 
-@pytest.mark.parametrize("name", ["a/b", "..", "a\x00b", "x" * 256, " lead", "", "_private", "a.b", "c:d", "training", "forward", 5, None])
+@pytest.mark.parametrize("name", ["a/b", "..", "a\x00b", "x" * 256, " lead", "", "_private", "a.b", "c:d",
+                                  "training", "forward", 5, None])
 def test_bad_adapter_names_are_refused_at_attach(name):
     m, _, _ = llama(0)
     with pytest.raises(peftkit.ConfigError, match="adapter name"):
@@ -297,7 +298,7 @@ def test_invalid_regular_expressions_name_the_pattern():
 
 @pytest.mark.parametrize("fmt", ["peftkit", "hf"])
 def test_nonfinite_tensors_are_refused_by_name(tmp_path, fmt):
-    m, inputs, out = lora_model()
+    m, _inputs, _out = lora_model()
     d = tmp_path / "a"
     peftkit.save(m, d, format=fmt)
     wfile = d / ("adapter.safetensors" if fmt == "peftkit" else "adapter_model.safetensors")

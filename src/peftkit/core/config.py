@@ -198,7 +198,7 @@ def _hints(cls: type) -> dict[str, Any]:
         for name, ann in vars(klass).get("__annotations__", {}).items():
             if isinstance(ann, str):
                 try:
-                    ann = eval(ann, namespace)  # noqa: S307 - annotations of our own config classes
+                    ann = eval(ann, namespace)
                 except Exception:
                     out.pop(name, None)
                     continue
