@@ -28,7 +28,7 @@ VALUES = [None, True, False, 0, -1, 1, 4.5, 1e308, float("nan"), "", "x", "false
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    model, inputs, out = MODELS["llama"](0)
+    model, _inputs, _out = MODELS["llama"](0)
     peftkit.attach(model, peftkit.LoRA(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         for p in peftkit.adapter_parameters(model).values():
