@@ -1,0 +1,86 @@
+"""Building a server from names and directories, and running it with uvicorn (``peftkit serve``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import ConfigError
+from .adapters import AdapterTable, check_dir, check_name
+from .app import Limits, create_app
+from .engine import Engine
+
+
+def parse_adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
+    """``["dir", "name=dir", ...]`` → ``[(name, directory)]``; the name defaults to the directory's name."""
+    out: list[tuple[str, Path]] = []
+    seen: set[str] = set()
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            path, name = spec, Path(spec.rstrip("/")).name
+        check_name(name)
+        if name in seen:
+            raise ConfigError(f"--adapters: the name {name!r} is used twice; give one as NAME=DIR")
+        seen.add(name)
+        check_dir(Path(path))
+        out.append((name, Path(path)))
+    return out
+
+
+def build(model: Any, tokenizer: Any, adapters: list[tuple[str, Path]], max_adapters: int = 8,
+          adapter_root: str | Path | None = None, max_batch: int = 16, limits: Limits | None = None,
+          merge_single: bool = True, model_name: str = "base") -> tuple[Any, Engine]:
+    """``(FastAPI app, engine)`` for a causal LM and its adapters (the first ``max_adapters`` loaded now)."""
+    table = AdapterTable(model, max_adapters=max_adapters, root=adapter_root)
+    for name, path in adapters:
+        table.register(name, path)
+    for name, _ in adapters[:max_adapters]:
+        table.ensure(name, set())
+    if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    engine = Engine(model, tokenizer, table, max_batch=max_batch, merge_single=merge_single)
+    return create_app(engine, limits, model_name), engine
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="causal LM: an alias (smollm2-135m) or a local directory")
+    p.add_argument("--adapters", nargs="*", default=[], metavar="[NAME=]DIR",
+                   help="adapter directories (peftkit or peft format) served under their directory name or NAME")
+    p.add_argument("--max-adapters", type=int, default=8, help="adapters held in memory; more are evicted LRU")
+    p.add_argument("--adapter-root", default=None,
+                   help="directory under which POST /v1/adapters may load adapters (off without it)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask for")
+    p.add_argument("--max-prompt-tokens", type=int, default=4096)
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--no-merge", action="store_true", help="never merge a lone adapter into the weights")
+    p.add_argument("--log-level", default="warning")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Validate the arguments, load the model and adapters, and serve until interrupted."""
+    import uvicorn
+
+    from ..hub.models import load_causal_lm, load_tokenizer
+
+    for flag in ("max_adapters", "max_batch", "max_tokens_limit", "max_prompt_tokens", "max_body_bytes"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not 0 <= args.port < 65536:
+        raise ConfigError(f"--port must lie in 0..65535, got {args.port}")
+    adapters = parse_adapter_specs(args.adapters)
+    if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
+        raise ConfigError(f"--adapter-root {args.adapter_root} is not a directory")
+    tok = load_tokenizer(args.model)
+    model, tok = load_causal_lm(args.model, tokenizer=tok)
+    limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
+                    max_body_bytes=args.max_body_bytes)
+    app, _ = build(model, tok, adapters, args.max_adapters, args.adapter_root, args.max_batch, limits,
+                   merge_single=not args.no_merge)
+    print(f"peftkit serve: {args.model} with {len(adapters)} adapter(s) on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
