@@ -29,8 +29,10 @@ from typing import Any
 
 from ..core.errors import AdapterLoadError, AdapterNotFoundError, ConfigError, PeftkitError
 from .adapters import BASE
-from .engine import Delta, Engine, Failed, Finished, GenerationRequest, QueueFull
-from .protocol import AdapterLoad, ApiError, ChatRequest, CompletionRequest, parse
+from .encoder import EncoderEngine, EncodeRequest
+from .engine import Delta, Failed, Finished, GenerationRequest, QueueFull
+from .protocol import AdapterLoad, ApiError, ChatRequest, CompletionRequest, EncodeBody, parse
+from .worker import Worker
 
 
 @dataclass
@@ -44,8 +46,12 @@ class Limits:
     max_prompts: int = 16  # prompts in one /v1/completions request
 
 
-def create_app(engine: Engine, limits: Limits | None = None, model_name: str = "base") -> Any:
-    """The FastAPI application serving ``engine`` (started by the app's lifespan, stopped with it)."""
+def create_app(engine: Worker, limits: Limits | None = None, model_name: str = "base") -> Any:
+    """The FastAPI application serving ``engine`` (started by the app's lifespan, stopped with it).
+
+    A generation :class:`~peftkit.serve.engine.Engine` gets the completion endpoints; an
+    :class:`~peftkit.serve.encoder.EncoderEngine` ``/v1/embeddings`` or ``/v1/classifications``.
+    """
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -164,10 +170,10 @@ def create_app(engine: Engine, limits: Limits | None = None, model_name: str = "
                 raise ApiError(429, str(e), None, "rate_limit_error") from None
         return out, events
 
-    async def run(endpoint: str, req: Any, prompts: list[list[int]], chat: bool) -> Any:
+    async def run(endpoint: str, http_request: Request, req: Any, prompts: list[list[int]], chat: bool) -> Any:
         adapter = adapter_of(req.model)
         sampling = req.sampling(limits.default_max_tokens)
-        for ids in prompts:
+        for ids in prompts:  # the context limit is the generation engine's
             check_lengths(ids, sampling.max_tokens, "messages" if chat else "prompt")
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         requests, events = submit(prompts, adapter, req)
@@ -177,7 +183,12 @@ def create_app(engine: Engine, limits: Limits | None = None, model_name: str = "
         finished: dict[int, Finished] = {}
         try:
             while len(finished) < len(requests):
-                i, ev = await events.get()
+                try:
+                    i, ev = await asyncio.wait_for(events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await http_request.is_disconnected():  # nobody waits for the answer: stop generating
+                        raise ApiError(499, "the client closed the connection") from None
+                    continue
                 if isinstance(ev, Failed):
                     raise ApiError(ev.status, ev.message, ev.param)
                 if isinstance(ev, Finished):
@@ -250,19 +261,68 @@ def create_app(engine: Engine, limits: Limits | None = None, model_name: str = "
             metrics.request(endpoint, "client_error" if e.status < 500 else "server_error")
             return error_response(e)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
-        async def handle(body: bytes) -> Any:
-            req = parse(CompletionRequest, body)
-            return await run("completions", req, completion_prompts(req), chat=False)
-        return await guarded("completions", request, handle)
+    async def encode(endpoint: str, http_request: Request, body: bytes) -> Any:
+        req = parse(EncodeBody, body)
+        adapter = adapter_of(req.model)
+        texts = req.texts()
+        if len(texts) > engine.max_batch:
+            raise ApiError(400, f"input holds {len(texts)} texts; at most {engine.max_batch} per request", "input")
+        for t in texts:
+            n = len(tok(t, add_special_tokens=True)["input_ids"])
+            if n > limits.max_prompt_tokens:
+                raise ApiError(400, f"an input has {n} tokens; this server allows at most {limits.max_prompt_tokens}",
+                               "input")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        async def handle(body: bytes) -> Any:
-            req = parse(ChatRequest, body)
-            return await run("chat", req, [chat_prompt(req)], chat=True)
-        return await guarded("chat", request, handle)
+        def emit(ev: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(ev))
+            except RuntimeError:
+                pass
+
+        try:
+            r = engine.submit(EncodeRequest(texts, adapter, emit))
+        except QueueFull as e:
+            raise ApiError(429, str(e), None, "rate_limit_error") from None
+        try:
+            ev = await done
+        except BaseException:
+            r.cancel()
+            raise
+        if isinstance(ev, Failed):
+            raise ApiError(ev.status, ev.message, ev.param)
+        usage = {"prompt_tokens": ev.prompt_tokens, "total_tokens": ev.prompt_tokens}
+        metrics.request(endpoint, "ok")
+        if endpoint == "embeddings":
+            data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, req.encoding_format)}
+                    for i, v in enumerate(ev.vectors)]
+        else:
+            data = [{"object": "classification", "index": i, "label": ev.labels[max(range(len(v)), key=v.__getitem__)],
+                     "probabilities": dict(zip(ev.labels, v, strict=True))} for i, v in enumerate(ev.vectors)]
+        return {"object": "list", "data": data, "model": req.model, "usage": usage}
+
+    if isinstance(engine, EncoderEngine):
+        path = "/v1/embeddings" if engine.kind == "embedding" else "/v1/classifications"
+        endpoint = "embeddings" if engine.kind == "embedding" else "classifications"
+
+        @app.post(path)
+        async def encode_endpoint(request: Request) -> Any:
+            return await guarded(endpoint, request, lambda body: encode(endpoint, request, body))
+    else:
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> Any:
+            async def handle(body: bytes) -> Any:
+                req = parse(CompletionRequest, body)
+                return await run("completions", request, req, completion_prompts(req), chat=False)
+            return await guarded("completions", request, handle)
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(request: Request) -> Any:
+            async def handle(body: bytes) -> Any:
+                req = parse(ChatRequest, body)
+                return await run("chat", request, req, [chat_prompt(req)], chat=True)
+            return await guarded("chat", request, handle)
 
     def model_card(name: str, loaded: bool, path: str | None = None) -> dict:
         card: dict[str, Any] = {"id": name, "object": "model", "created": created, "owned_by": "peftkit",
@@ -284,7 +344,7 @@ def create_app(engine: Engine, limits: Limits | None = None, model_name: str = "
             def work() -> str:
                 table.register(req.name, req.path, from_root=True)
                 try:
-                    table.ensure(req.name, engine.busy_adapters())  # load now: a broken adapter fails here, not later
+                    table.ensure(req.name, engine.busy())  # load now: a broken adapter fails here, not later
                 except PeftkitError:
                     table.forget(req.name)
                     raise
@@ -307,7 +367,7 @@ def create_app(engine: Engine, limits: Limits | None = None, model_name: str = "
     async def unload_adapter(name: str) -> Any:
         def work() -> None:
             table.check_known(name)
-            if name in engine.busy_adapters() or any(r.adapter == name for r in engine.waiting):
+            if name in engine.busy() or any(r.adapter == name for r in engine.waiting):
                 raise ApiError(409, f"adapter {name!r} has requests in flight; retry when they are done", "name")
             table.forget(name)
 
@@ -339,7 +399,8 @@ def create_app(engine: Engine, limits: Limits | None = None, model_name: str = "
         counters = {
             "peftkit_adapter_loads_total": ("Adapter loads (first loads and reloads after eviction).", table.loads),
             "peftkit_adapter_evictions_total": ("Adapters evicted (least recently used).", table.evictions),
-            "peftkit_merged_steps_total": ("Forwards on the merged single-adapter fast path.", engine.merged_steps),
+            "peftkit_merged_steps_total": ("Forwards on the merged single-adapter fast path.",
+                                           getattr(engine, "merged_steps", 0)),
             "peftkit_mixed_steps_total": ("Forwards through the grouped mixed-adapter path.", engine.mixed_steps),
         }
         return PlainTextResponse(metrics.render(gauges, counters), media_type="text/plain; version=0.0.4")
@@ -352,3 +413,12 @@ def _usage(done: Any) -> dict[str, int]:
     prompt = sum(f.prompt_tokens for f in done)
     completion = sum(f.completion_tokens for f in done)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _encode_vector(v: list[float], fmt: str) -> list[float] | str:
+    if fmt == "base64":
+        import base64
+        import struct
+
+        return base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
+    return v

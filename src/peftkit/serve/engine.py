@@ -27,26 +27,21 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
-import logging
-import queue
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..core.errors import PeftkitError
 from .adapters import AdapterTable
 from .decoding import SamplingParams, TextStream, next_tokens
-from .fastpath import MergedPath
 from .kv import BatchKV, left_padded, positions
 from .metrics import Metrics
+from .worker import Failed, QueueFull, Worker
 
-log = logging.getLogger("peftkit.serve")
+__all__ = ["Delta", "Engine", "Event", "Failed", "Finished", "GenerationRequest", "QueueFull"]
 
 
 @dataclass
@@ -62,13 +57,6 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     text: str  # the whole completion
-
-
-@dataclass
-class Failed:
-    status: int
-    message: str
-    param: str | None = None
 
 
 Event = Delta | Finished | Failed
@@ -95,38 +83,17 @@ class GenerationRequest:
         self.cancelled = True
 
 
-class QueueFull(PeftkitError):
-    """More requests are waiting than the engine accepts (``max_waiting``)."""
-
-
-class Engine:
+class Engine(Worker):
     """Serves generation requests for ``model`` (a causal LM) and the adapters of ``table``."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, table: AdapterTable, max_batch: int = 16,
                  max_waiting: int = 1024, merge_single: bool = True, metrics: Metrics | None = None) -> None:
-        from ..core.errors import ConfigError
-
-        if max_batch < 1:
-            raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.table = table
-        self.max_batch = max_batch
-        self.max_waiting = max_waiting
+        super().__init__(model, tokenizer, table, max_batch, max_waiting, metrics)
         self.merge_single = merge_single
-        self.metrics = metrics or Metrics()
-        self.device = next(model.parameters()).device
         self.pad_id = _pad_id(tokenizer)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.max_context = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 1 << 30)
-        self.merged = MergedPath(model)
-        self.inbox: queue.Queue = queue.Queue()
-        self.waiting: list[GenerationRequest] = []
-        self.running: list[GenerationRequest] = []
         self.batch: BatchKV | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._pending = 0  # requests in the inbox or waiting (read from other threads for /metrics)
         self.mixed_steps = 0
         self.merged_steps = 0
         accepted = inspect.signature(model.forward).parameters
@@ -134,117 +101,17 @@ class Engine:
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
         self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
 
-    # -- other threads ------------------------------------------------------------------------
-    def start(self) -> Engine:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="peftkit-engine", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self.inbox.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def submit(self, request: GenerationRequest) -> GenerationRequest:
-        if self._pending >= self.max_waiting:
-            raise QueueFull(f"{self._pending} requests are already waiting (max {self.max_waiting}); retry later")
-        self._pending += 1
-        self.inbox.put(request)
-        return request
-
-    def call(self, fn: Callable[[], Any]) -> Future:
-        """Run ``fn`` on the engine thread between steps (adapter loads and unloads); its result in a Future."""
-        fut: Future = Future()
-        self.inbox.put((fn, fut))
-        return fut
-
-    @property
-    def queue_length(self) -> int:
-        return self._pending
-
-    @property
-    def running_rows(self) -> int:
-        return len(self.running)
-
-    # -- engine thread ------------------------------------------------------------------------
-    def _loop(self) -> None:
-        torch.set_grad_enabled(False)
-        while not self._stop.is_set():
-            idle = not self.running and not self.waiting
-            self._drain(block=idle)
-            if self._stop.is_set():
-                break
-            try:
-                self._admit()
-                if self.running:
-                    self._decode()
-            except Exception as e:  # a bug or an out-of-memory: fail the batch, keep serving
-                log.exception("engine step failed")
-                self._fail_all(e)
-        self._fail_all(RuntimeError("the server is shutting down"), status=503)
-
-    def _drain(self, block: bool) -> None:
-        try:
-            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            if isinstance(item, GenerationRequest):
-                self.waiting.append(item)
-            elif isinstance(item, tuple):
-                fn, fut = item
-                self._run_control(fn, fut)
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                return
-
-    def _run_control(self, fn: Callable[[], Any], fut: Future) -> None:
-        self.merged.release()  # loads and deletes change the sites: start from the exact base weights
-        try:
-            fut.set_result(fn())
-        except BaseException as e:
-            fut.set_exception(e)
-
-    def busy_adapters(self) -> set[str]:
-        return {r.adapter for r in self.running if r.adapter is not None}
-
-    def _admit(self) -> None:
+    def work(self) -> None:
         room = self.max_batch - len(self.running)
-        if room <= 0 or not self.waiting:
-            return
-        new: list[GenerationRequest] = []
-        busy = self.busy_adapters()
-        for req in list(self.waiting):
-            if len(new) >= room:
-                break
-            if req.cancelled:
-                self._leave_queue(req)
-                self.metrics.request("generate", "cancelled")
-                continue
-            if req.adapter is not None:
-                if req.adapter not in self.table.lru:
-                    self.merged.release()
-                try:
-                    ready = self.table.ensure(req.adapter, busy)
-                except PeftkitError as e:
-                    self._leave_queue(req)
-                    req.emit(Failed(400, f"adapter {req.adapter!r} could not be loaded: {e}", "model"))
-                    continue
-                if not ready:
-                    continue  # every loaded adapter is in use: wait for a row to finish
-                busy.add(req.adapter)
-            self._leave_queue(req)
-            new.append(req)
-        if new:
-            self._prefill(new)
+        if room > 0 and self.waiting:
+            new = self.admit(room)
+            if new:
+                self._prefill(new)
+        if self.running:
+            self._decode()
 
-    def _leave_queue(self, req: GenerationRequest) -> None:
-        self.waiting.remove(req)
-        self._pending -= 1
+    def reset(self) -> None:
+        self.batch = None
 
     def _route(self, names: list[str | None]) -> contextlib.AbstractContextManager:
         """How this forward applies adapters: merged (one adapter live), mixed batch, or the bare base."""
@@ -301,7 +168,7 @@ class Engine:
         done: set[int] = set()
         for r, tok in zip(rows, tokens, strict=True):
             if r.cancelled:
-                self.metrics.request("generate", "cancelled")
+                self.metrics.request(self.endpoint, "cancelled")
                 done.add(r.id)
                 continue
             r.tokens.append(tok)
@@ -335,13 +202,6 @@ class Engine:
             else:
                 assert self.batch is not None
                 self.batch.select(torch.tensor(keep, dtype=torch.long, device=self.device))
-
-    def _fail_all(self, error: BaseException, status: int = 500) -> None:
-        for r in self.running + self.waiting:
-            r.emit(Failed(status, f"{type(error).__name__}: {error}"))
-        self._pending -= len(self.waiting)
-        self.running, self.waiting, self.batch = [], [], None
-        self.merged.release()
 
 
 def _cache_of(out: Any) -> Any:

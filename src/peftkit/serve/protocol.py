@@ -142,6 +142,28 @@ class ChatRequest(_Sampling):
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
+class EncodeBody(BaseModel):
+    """``/v1/embeddings`` and ``/v1/classifications``: ``input`` is a string or a list of strings."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=128)
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32 (the openai client's default)
+    dimensions: None = None
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("input is an empty list")
+        return v
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
 class AdapterLoad(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
