@@ -143,3 +143,48 @@ def test_cli_serve_rejects_bad_arguments_before_loading(tmp_path):
     assert run.returncode == 2 and "nope" in run.stderr and "does not exist" in run.stderr
     run = subprocess.run([*cmd[:5], "--max-adapters", "0"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "--max-adapters" in run.stderr
+
+
+def test_cli_serve_starts_answers_and_stops_on_sigterm(tmp_path):
+    """`peftkit serve` as a user runs it: a model directory, an adapter, a free port; SIGTERM ends it."""
+    import os
+    import signal
+    import time
+
+    import httpx
+
+    from .serve_fixtures import free_port
+
+    model, tok = tiny_lm()
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    dirs = make_adapters(tmp_path / "adapters", ["a"])
+    port = free_port()
+    cmd = [sys.executable, "-m", "peftkit.cli.main", "serve", "--model", str(tmp_path / "model"), "--adapters",
+           f"mine={dirs['a']}", "--port", str(port), "--adapter-root", str(tmp_path / "adapters")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+            assert time.monotonic() < deadline, "the server did not start"
+        r = httpx.post(url + "/v1/completions", json={"model": "mine", "prompt": "hello world", "max_tokens": 5,
+                                                      "temperature": 0}, timeout=60)
+        want = reference(dirs["a"], tok("hello world")["input_ids"], 5)
+        assert r.json()["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["base", "mine"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert rc in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its graceful shutdown
