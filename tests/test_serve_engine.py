@@ -188,3 +188,33 @@ def test_cli_serve_starts_answers_and_stops_on_sigterm(tmp_path):
             proc.kill()
             raise
     assert rc in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its graceful shutdown
+
+
+def test_queue_bound_and_cancelled_requests_leave(tmp_path):
+    from peftkit.serve.engine import QueueFull
+
+    model, tok = tiny_lm()
+    engine = Engine(model, tok, AdapterTable(model, 1), max_batch=2, max_waiting=2)
+    events: queue.Queue = queue.Queue()
+    reqs = [GenerationRequest(tok("hello")["input_ids"], None, SamplingParams(max_tokens=100, temperature=0), events.put)
+            for _ in range(2)]
+    for r in reqs:
+        engine.submit(r)
+    with pytest.raises(QueueFull, match="max 2"):
+        engine.submit(GenerationRequest([1], None, SamplingParams(), events.put))
+    reqs[0].cancel()  # gone before it was admitted
+    engine.start()
+    try:
+        first = events.get(timeout=60)
+        reqs[1].cancel()  # gone while decoding
+        deadline = 600
+        while (engine.running or engine.waiting or engine.queue_length) and deadline:
+            import time
+
+            time.sleep(0.05)
+            deadline -= 1
+        assert engine.running == [] and engine.waiting == [] and engine.queue_length == 0
+        assert first is not None and len(reqs[1].tokens) < 100  # stopped early
+        assert engine.metrics.requests[("generate", "cancelled")] == 2
+    finally:
+        engine.stop()
