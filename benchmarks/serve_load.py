@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -207,6 +208,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-peft", action="store_true")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still stops its server (finally)
     lo, hi = (int(x) for x in args.max_tokens.split(","))
     torch.set_num_threads(args.threads)
     reqs = requests(args.requests, args.adapters, lo, hi, args.seed)

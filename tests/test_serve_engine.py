@@ -218,3 +218,34 @@ def test_queue_bound_and_cancelled_requests_leave(tmp_path):
         assert engine.metrics.requests[("generate", "cancelled")] == 2
     finally:
         engine.stop()
+
+
+def test_a_request_for_an_unloadable_adapter_is_not_starved(tmp_path):
+    """max_adapters=1: a request for b waits for a's rows to drain, and later requests for a wait behind it."""
+    dirs = make_adapters(tmp_path, ["a", "b"])
+    model, tok = tiny_lm()
+    table = AdapterTable(model, max_adapters=1)
+    for n, d in dirs.items():
+        table.register(n, d)
+    engine = Engine(model, tok, table, max_batch=8)
+    order: list[str] = []
+    done: queue.Queue = queue.Queue()
+
+    def sink(tag):
+        def emit(ev):
+            if isinstance(ev, (Finished, Failed)):
+                order.append(tag)
+                done.put(ev)
+        return emit
+
+    for tag, name, n in [("a1", "a", 12), ("b1", "b", 2), ("a2", "a", 2)]:
+        engine.submit(GenerationRequest(tok("hello world")["input_ids"], name, SamplingParams(max_tokens=n, temperature=0),
+                                        sink(tag)))
+    engine.start()
+    try:
+        events = [done.get(timeout=60) for _ in range(3)]
+    finally:
+        engine.stop()
+    assert all(isinstance(e, Finished) for e in events)
+    assert order.index("b1") < order.index("a2")  # a2 did not jump the queue past b1
+    assert table.evictions >= 2  # a → b → a

@@ -119,6 +119,8 @@ def create_app(engine: Worker, limits: Limits | None = None, model_name: str = "
         return name
 
     def check_lengths(ids: list[int], max_tokens: int, field: str) -> None:
+        if not ids:
+            raise ApiError(400, "the prompt is empty (no tokens); give at least one token", field)
         if max_tokens > limits.max_tokens:
             raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}", "max_tokens")
         if len(ids) > limits.max_prompt_tokens:

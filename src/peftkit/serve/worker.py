@@ -150,7 +150,10 @@ class Worker:
             self._pending -= 1
 
     def admit(self, room: int) -> list[Any]:
-        """Up to ``room`` waiting requests whose adapters are (now) loaded, oldest first."""
+        """Up to ``room`` waiting requests whose adapters are (now) loaded, oldest first.
+
+        A request whose adapter cannot be loaded yet (``max_adapters`` reached, all of them held by
+        running rows) blocks the requests behind it until a loaded adapter becomes idle."""
         new: list[Any] = []
         busy = self.busy()
         for req in list(self.waiting):
@@ -170,7 +173,9 @@ class Worker:
                     req.emit(Failed(400, f"adapter {req.adapter!r} could not be loaded: {e}", "model"))
                     continue
                 if not ready:
-                    continue  # every loaded adapter is in use: wait for a row to finish
+                    # every loaded adapter is in use: admit nothing behind this request (first come, first
+                    # served), so the running rows drain and free an adapter for it instead of starving it
+                    break
                 busy.add(req.adapter)
             self.leave_queue(req)
             new.append(req)
