@@ -137,12 +137,17 @@ def test_engine_continuous_batching_equals_generate_per_request(tmp_path):
     assert engine.mixed_steps > 0 and engine.running == [] and engine.batch is None
 
 
-def test_cli_serve_rejects_bad_arguments_before_loading(tmp_path):
-    cmd = [sys.executable, "-m", "peftkit.cli.main", "serve", "--model", "smollm2-135m", "--adapters", str(tmp_path / "nope")]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "nope" in run.stderr and "does not exist" in run.stderr
-    run = subprocess.run([*cmd[:5], "--max-adapters", "0"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "--max-adapters" in run.stderr
+def test_cli_serve_rejects_bad_arguments_before_loading(tmp_path, capsys):
+    from peftkit.cli.main import main
+
+    base = ["serve", "--model", "smollm2-135m"]
+    for extra, culprit in [(["--adapters", str(tmp_path / "nope")], "does not exist"),
+                           (["--max-adapters", "0"], "--max-adapters"),
+                           (["--task", "embeding"], "did you mean 'embedding'"),
+                           (["--model", str(tmp_path / "missing")], "neither an alias")]:
+        args = base + extra if extra[0] != "--model" else ["serve", *extra]
+        assert main(args) == 2
+        assert culprit in capsys.readouterr().err
 
 
 def test_cli_serve_starts_answers_and_stops_on_sigterm(tmp_path):

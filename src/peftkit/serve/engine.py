@@ -1,14 +1,14 @@
 """The generation engine: one thread, one base model, continuous batching over many adapters.
 
-Every model forward runs on the engine thread; other threads (the HTTP event loop, a benchmark)
-hand it requests and control calls through a queue and receive events back through each
+Every model forward runs on the engine thread (:class:`~peftkit.serve.worker.Worker`); other
+threads (the HTTP event loop, a benchmark) hand it requests and control calls through a queue and receive events back through each
 request's ``emit`` callback. One iteration of the loop:
 
 1. take new requests and control calls (load/unload an adapter) from the inbox;
 2. admit waiting requests, oldest first, while the batch has room (``max_batch`` rows): each
    request's adapter is loaded if needed (an idle adapter may be evicted, see
    :class:`~peftkit.serve.adapters.AdapterTable`); a request whose adapter cannot be loaded yet
-   because every loaded adapter is in use keeps waiting;
+   because every loaded adapter is in use keeps waiting, and so do the requests behind it;
 3. prefill the admitted requests together (left-padded, one forward) and append their cache rows
    to the running batch (:class:`~peftkit.serve.kv.BatchKV`);
 4. one decode step for every running row: feed each row's last token at its own position.
