@@ -242,3 +242,20 @@ def test_merged_fast_path_is_exact_and_restores_the_base_bit_for_bit(server):
     for n, p in engine.model.named_parameters():
         if n in sites:
             assert torch.equal(p, sites[n]), n
+
+
+def test_several_prompts_in_one_request_give_one_choice_each(server):
+    url, _, tok, dirs = server
+    body = {"model": "a1", "prompt": PROMPTS[:3], "max_tokens": 7, "temperature": 0}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2]
+    for p, c in zip(PROMPTS[:3], r["choices"], strict=True):
+        assert c["text"] == expected(tok, dirs, "a1", p, 7)
+    assert r["usage"]["prompt_tokens"] == sum(len(tok(p)["input_ids"]) for p in PROMPTS[:3])
+    streamed = ["", "", ""]
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    streamed[c["index"]] += c["text"]
+    assert streamed == [c["text"] for c in r["choices"]]
