@@ -259,3 +259,25 @@ def test_several_prompts_in_one_request_give_one_choice_each(server):
                 for c in json.loads(line[6:])["choices"]:
                     streamed[c["index"]] += c["text"]
     assert streamed == [c["text"] for c in r["choices"]]
+
+
+def test_hot_load_and_unload_between_decode_steps_leave_running_requests_intact(server):
+    url, _, tok, dirs = server
+    body = {"model": "a0", "prompt": PROMPTS[2], "max_tokens": 40, "temperature": 0, "stream": True}
+    pieces: list[str] = []
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as s:
+        lines = s.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                pieces.append(json.loads(line[6:])["choices"][0]["text"])
+                break
+        # the a0 request is mid-generation: load another adapter (evicting an idle one), use it, unload it
+        assert httpx.post(url + "/v1/adapters", json={"name": "hot", "path": "extra"}, timeout=60).status_code == 201
+        r = httpx.post(url + "/v1/completions", json={"model": "hot", "prompt": PROMPTS[0], "max_tokens": 4,
+                                                      "temperature": 0}, timeout=60)
+        assert r.json()["choices"][0]["text"] == expected(tok, dirs, "extra", PROMPTS[0], 4)
+        assert httpx.delete(url + "/v1/adapters/hot", timeout=60).status_code == 200
+        for line in lines:
+            if line.startswith("data: {"):
+                pieces.append(json.loads(line[6:])["choices"][0]["text"])
+    assert "".join(pieces) == expected(tok, dirs, "a0", PROMPTS[2], 40)
