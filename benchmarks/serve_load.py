@@ -228,20 +228,25 @@ def main() -> None:
             server.run(warm, args.concurrency)  # warm-up, not counted
             if peft is not None:
                 peft.run(warm, args.concurrency)
+            per_round = []
             for k, chunk in enumerate(rounds):
                 order = ["server", "peft"] if k % 2 == 0 else ["peft", "server"]
+                rate = {}
                 for side in order:
                     if side == "server":
                         res, wall = server.run(chunk, args.concurrency)
                         srv_results += res
                         srv_wall += wall
+                        rate["server"] = sum(r[2] for r in res) / wall
                     elif peft is not None:
                         texts, toks, wall = peft.run(chunk, args.concurrency)
                         peft_texts += texts
                         peft_tokens += toks
                         peft_wall += wall
-                print(f"round {k + 1}/{len(rounds)} done ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr,
-                      flush=True)
+                        rate["peft"] = toks / wall
+                per_round.append(rate)
+                print(f"round {k + 1}/{len(rounds)} done ({time.perf_counter() - t_start:.0f} s): "
+                      + ", ".join(f"{side} {v:.1f} tokens/s" for side, v in rate.items()), file=sys.stderr, flush=True)
             rss = peak_rss_mb(server.proc.pid)
             metrics = server.metrics()
         finally:
@@ -264,8 +269,10 @@ def main() -> None:
     same = sum(r[3] == t for r, t in zip(srv_results, peft_texts, strict=True))
     print(f"peft adapter_names (batch {args.concurrency}): {peft_tokens} tokens in {peft_wall:.1f} s = "
           f"{peft_tokens / peft_wall:.1f} tokens/s")
-    print(f"throughput ratio peftkit serve / peft: {tps / (peft_tokens / peft_wall):.2f}x; identical greedy texts: "
-          f"{same}/{len(reqs)}")
+    ratios = [r["server"] / r["peft"] for r in per_round]
+    print(f"throughput ratio peftkit serve / peft: {tps / (peft_tokens / peft_wall):.2f}x overall, per round "
+          f"{', '.join(f'{x:.2f}x' for x in ratios)} (median {statistics.median(ratios):.2f}x; rounds that disagree "
+          f"mean the machine's load changed); identical greedy texts: {same}/{len(reqs)}")
 
 
 if __name__ == "__main__":
