@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=100)
     d.add_argument("--model", default="smollm2-135m")
     d.set_defaults(func=commands.demo)
+
+    from .merge_commands import add_parsers as add_merge_parsers  # peftkit merge / peftkit compress
+
+    add_merge_parsers(sub)
     return ap
 
 
