@@ -47,7 +47,7 @@ def test_cli_merges_checkpoints_from_a_yaml_file(tmp_path, ckpts, capsys):
 
 def test_unknown_keys_and_bad_values_are_refused_with_the_closest_name(tmp_path, ckpts, capsys):
     base = {"inputs": [str(ckpts[1]), str(ckpts[2])], "method": "task_arithmetic", "output": str(tmp_path / "o")}
-    with pytest.raises(ConfigError, match="unknown key 'wieghts'.*did you mean 'weights'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'wieghts'.*did you mean 'weights'"):
         parse_spec({**base, "wieghts": [1, 1]})
     with pytest.raises(ConfigError, match=r"inputs\[0\]: unknown key 'wegiht'"):
         parse_spec({**base, "inputs": [{"path": str(ckpts[1]), "wegiht": 1}]})
