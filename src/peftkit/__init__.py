@@ -6,6 +6,8 @@
 
 __version__ = "0.1.0"
 
+from .compress import compress
+from .core import api as _api
 from .core.api import (
     activate,
     adapter_parameters,
@@ -32,6 +34,7 @@ from .core.model import active_names, adapter_names
 from .core.registry import METHODS, get_method, method_table, register
 from .core.state import load, save
 from .core.summary import summary
+from .merge import extract_lora, learn_coefficients, merge_adapters, merge_checkpoints
 from .methods.bottleneck import Bottleneck
 from .methods.dora import DoRA
 from .methods.ia3 import IA3
@@ -40,6 +43,9 @@ from .methods.oft import OFT
 from .methods.prompt import PromptTuning
 from .methods.selection import BitFit, LayerNormTuning
 from .methods.sparse import SparseFT, fish_scores
+
+# importing the subpackage peftkit.merge (above) rebinds the name `merge`; `peftkit.merge` stays the function
+merge = _api.merge  # noqa: F811
 
 __all__ = [
     "IA3",
@@ -64,14 +70,19 @@ __all__ = [
     "adapter_names",
     "adapter_parameters",
     "attach",
+    "compress",
     "delete",
     "disabled",
+    "extract_lora",
     "fish_scores",
     "get_adapter",
     "get_method",
+    "learn_coefficients",
     "load",
     "lora_plus_param_groups",
     "merge",
+    "merge_adapters",
+    "merge_checkpoints",
     "method_table",
     "mixed_batch",
     "register",
