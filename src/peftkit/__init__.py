@@ -4,10 +4,10 @@
     model = peftkit.attach(model, peftkit.LoRA(r=16, alpha=32, target_modules=["q_proj", "v_proj"]))
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__ as __version__
 from .compress import compress
 from .core import api as _api
+from .core.adapter_state import AdapterState, extract, install
 from .core.api import (
     activate,
     adapter_parameters,
@@ -21,7 +21,7 @@ from .core.api import (
     unload,
     unmerge,
 )
-from .core.config import AdapterConfig
+from .core.config import AdapterConfig, LowRankOptions
 from .core.errors import (
     AdapterLoadError,
     AdapterNotFoundError,
@@ -32,8 +32,8 @@ from .core.errors import (
 )
 from .core.model import active_names, adapter_names
 from .core.registry import METHODS, get_method, method_table, register
-from .core.state import load, save
 from .core.summary import summary
+from .io import load, read_adapters, save, write_adapters
 from .merge import extract_lora, learn_coefficients, merge_adapters, merge_checkpoints
 from .methods.bottleneck import Bottleneck
 from .methods.dora import DoRA
@@ -54,12 +54,14 @@ __all__ = [
     "AdapterConfig",
     "AdapterLoadError",
     "AdapterNotFoundError",
+    "AdapterState",
     "BitFit",
     "Bottleneck",
     "ConfigError",
     "DoRA",
     "LayerNormTuning",
     "LoRA",
+    "LowRankOptions",
     "NotMergeableError",
     "PeftkitError",
     "PromptTuning",
@@ -73,10 +75,12 @@ __all__ = [
     "compress",
     "delete",
     "disabled",
+    "extract",
     "extract_lora",
     "fish_scores",
     "get_adapter",
     "get_method",
+    "install",
     "learn_coefficients",
     "load",
     "lora_plus_param_groups",
@@ -85,10 +89,12 @@ __all__ = [
     "merge_checkpoints",
     "method_table",
     "mixed_batch",
+    "read_adapters",
     "register",
     "save",
     "set_trainable",
     "summary",
     "unload",
     "unmerge",
+    "write_adapters",
 ]
