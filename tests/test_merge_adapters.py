@@ -6,34 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from peftkit.core.adapter_state import AdapterState
 from peftkit.core.errors import ConfigError
 from peftkit.merge import lowrank
 from peftkit.merge.adapters import merge_states
 from peftkit.merge.registry import MaskSource
 from peftkit.methods.lora import LoRA
 from tests.models import tiny_llama
-
-try:
-    from peftkit.core.adapter_state import AdapterState
-except ImportError:  # before the engine seam lands
-    import dataclasses
-
-    @dataclasses.dataclass
-    class AdapterState:  # type: ignore[no-redef]
-        name: str
-        config: object
-        targets: list
-        tensors: dict
-        shared: dict
-        layers: dict
-        base: dict
-
-        def module_tensors(self, path):
-            return {k[len(path) + 1:]: v for k, v in self.tensors.items() if k.rsplit(".", 1)[0] == path}
-
-        def replace(self, **kw):
-            return dataclasses.replace(self, **kw)
-
 
 peft = pytest.importorskip("peft")
 PREFIX = "base_model.model."

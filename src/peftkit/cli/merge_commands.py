@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-#: files next to an adapter that are not the adapter (a trained head, the task record): copied unchanged
+#: files next to an adapter that are not the adapter (a trained head, the task record): copied, not counted
 SIDE_FILES = ("extra.safetensors", "peftkit_task.json")
 
 
@@ -47,11 +47,6 @@ def compress(args: argparse.Namespace, extra: list[str]) -> int:
     out = Path(args.output) if args.output else src.with_name(f"{src.name}-{args.method}")
     run(src, out, method=args.method, density=args.density, scale=args.scale, alpha=args.alpha,
         min_numel=args.min_numel, overwrite=args.overwrite)
-    side = {out / f.name: f.read_bytes() for f in src.iterdir() if f.name in SIDE_FILES and f.is_file()}
-    if side:  # a trained head and the task record travel with the adapter, unchanged
-        from ..core.files import write_files
-
-        write_files(side)
     before = sum(f.stat().st_size for f in src.iterdir() if f.is_file() and f.name not in SIDE_FILES)
     after = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name not in SIDE_FILES)
     sizes = read_json(out / CONFIG_FILE).get("sizes", {})

@@ -1,15 +1,16 @@
 """The compressed adapter format (written by ``peftkit.compress``, read transparently by ``peftkit.load``).
 
-A directory holding
+A folder holding
 
 * ``peftkit_compressed.json`` — the adapter's identity as in peftkit's own format (name, method
-  config, targets, per-layer facts, base model) plus the compression settings and sizes;
-* ``adapter.pkc`` — ``LZMA( u32 n | n bytes of JSON: {tensor: record} | payloads )``: every tensor's
-  encoding record (:mod:`peftkit.compress.codec`: ``raw``, ``compeft``, ``int8``, ``int4``; shape,
-  dtype, scale, offset and length of its payload) followed by the payloads back to back.
+  config, targets, layer facts, base model) plus the compression settings and sizes;
+* ``adapter.pkc`` — ``LZMA( u32 n | n bytes of JSON: {tensor: record} | payloads )``: each tensor's
+  encoding record (:mod:`peftkit.compress.codec`: ``raw``, ``compeft``, ``int8`` or ``int4``; shape,
+  dtype, scale, and the offset and length of its payload) followed by the payloads back to back.
+  Shared tensors are keyed ``__shared__.<name>``.
 
-Both files are written atomically (the data is prepared before the first rename). Reading decodes
-every tensor back to its dtype, so the result is an ordinary ``AdapterState``.
+The folder is written atomically as a whole (``core.files.write_folder``). Reading decodes every
+tensor back to its dtype, so the result is an ordinary ``AdapterState``; nothing here knows about models.
 """
 
 from __future__ import annotations
@@ -22,43 +23,44 @@ from typing import Any
 
 import torch
 
+from ..core.adapter_state import AdapterState, total_size
 from ..core.errors import AdapterLoadError, ConfigError
+from ..core.files import FolderReader, json_to_bytes, parse_json
+from ..core.registry import config_from_dict
 
 CONFIG_FILE = "peftkit_compressed.json"
 DATA_FILE = "adapter.pkc"
-FORMAT = "peftkit-compressed"
+NAME = "peftkit-compressed"
 FORMAT_VERSION = 1
+SHARED_PREFIX = "__shared__."
+Records = dict[str, tuple[dict[str, Any], bytes]]
 
 
-def is_compressed(path: Path) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file()
+def detect(reader: FolderReader) -> bool:
+    return reader.exists(CONFIG_FILE)
 
 
-def _pack(records: dict[str, tuple[dict[str, Any], bytes]]) -> tuple[dict[str, Any], list[bytes]]:
+def owned(path: Path) -> bool:
+    """Entries of an adapter folder that writing a compressed adapter replaces."""
+    return path.name in (CONFIG_FILE, DATA_FILE) or (path.is_dir() and (path / CONFIG_FILE).is_file())
+
+
+def files(state: AdapterState, records: Records, shared: Records, settings: dict[str, Any], version: str) -> dict[str, bytes]:
+    """``{relative path: bytes}`` of the compressed adapter (``records``/``shared``: encoded tensors by name)."""
     table: dict[str, Any] = {}
     chunks: list[bytes] = []
     offset = 0
-    for k, (rec, data) in records.items():
-        table[k] = {**rec, "offset": offset, "length": len(data)}
+    items = list(records.items()) + [(SHARED_PREFIX + k, v) for k, v in shared.items()]
+    for key, (rec, data) in items:
+        table[key] = {**rec, "offset": offset, "length": len(data)}
         chunks.append(data)
         offset += len(data)
-    return table, chunks
-
-
-def write_compressed(directory: Path, state: Any, records: dict[str, tuple[dict[str, Any], bytes]],
-                     shared: dict[str, tuple[dict[str, Any], bytes]], settings: dict[str, Any]) -> Path:
-    """Write ``state``'s identity and the encoded ``records`` / ``shared`` tensors to ``directory``."""
-    from .. import __version__
-    from ..core.files import json_to_bytes, write_files
-
-    table, chunks = _pack({**{f"t:{k}": v for k, v in records.items()}, **{f"s:{k}": v for k, v in shared.items()}})
     head = json.dumps(table, separators=(",", ":")).encode()
     blob = lzma.compress(struct.pack("<I", len(head)) + head + b"".join(chunks), preset=9 | lzma.PRESET_EXTREME)
-    original = sum(t.numel() * t.element_size() for t in list(state.tensors.values()) + list(state.shared.values()))
     meta = {
-        "format": FORMAT,
+        "format": NAME,
         "format_version": FORMAT_VERSION,
-        "peftkit_version": __version__,
+        "peftkit_version": version,
         "compression": settings,
         "name": state.name,
         "method": state.config.method,
@@ -66,52 +68,48 @@ def write_compressed(directory: Path, state: Any, records: dict[str, tuple[dict[
         "targets": state.targets,
         "layers": state.layers,
         "base_model": state.base,
-        "sizes": {"tensor_bytes": original, "compressed_bytes": len(blob)},
+        "sizes": {"tensor_bytes": total_size(state), "compressed_bytes": len(blob)},
     }
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ConfigError(f"{directory} exists and is not a directory")
-    write_files({directory / DATA_FILE: blob, directory / CONFIG_FILE: json_to_bytes(meta)})
-    return directory
+    return {DATA_FILE: blob, CONFIG_FILE: json_to_bytes(meta)}
 
 
-def decode_records(records: dict[str, tuple[dict[str, Any], bytes]]) -> dict[str, torch.Tensor]:
+def read(reader: FolderReader, name: str | None = None) -> AdapterState:
+    """The adapter in the compressed folder of ``reader``, decoded."""
     from ..compress.codec import decode
 
-    return {k: decode(rec, data) for k, (rec, data) in records.items()}
-
-
-def read_compressed(path: str | Path) -> Any:
-    """The ``AdapterState`` stored in a compressed adapter directory."""
-    from ..compress.codec import decode
-    from ..core.adapter_state import AdapterState
-    from ..core.files import read_json
-    from ..core.registry import config_from_dict
-
-    root = Path(path)
-    meta = read_json(root / CONFIG_FILE)
-    if meta.get("format") != FORMAT:
-        raise AdapterLoadError(f"{root / CONFIG_FILE}: not a compressed peftkit adapter (format {meta.get('format')!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise AdapterLoadError(f"{root / CONFIG_FILE}: format version {meta.get('format_version')} is newer than this "
-                               f"peftkit reads ({FORMAT_VERSION})")
+    root = reader.root
+    where = root / CONFIG_FILE
+    meta = parse_json(reader.read(CONFIG_FILE), where)
+    if meta.get("format") != NAME or not isinstance(meta.get("config"), dict):
+        raise AdapterLoadError(f"{where}: not a compressed peftkit adapter (format {meta.get('format')!r})")
+    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
+        raise AdapterLoadError(f"{where}: format version {meta.get('format_version')!r}; this peftkit reads "
+                               f"up to {FORMAT_VERSION}")
     try:
         config = config_from_dict(meta["config"])
-    except (ConfigError, TypeError, KeyError) as e:
-        raise AdapterLoadError(f"{root / CONFIG_FILE}: invalid config: {e}") from None
+    except (ConfigError, TypeError, ValueError) as e:
+        raise AdapterLoadError(f"{where}: invalid config: {e}") from None
+    data_path = root / DATA_FILE
     try:
-        raw = lzma.decompress((root / DATA_FILE).read_bytes())
+        raw = lzma.decompress(reader.read(DATA_FILE))
         (n,) = struct.unpack("<I", raw[:4])
         table = json.loads(raw[4: 4 + n])
         body = memoryview(raw)[4 + n:]
         tensors: dict[str, torch.Tensor] = {}
         shared: dict[str, torch.Tensor] = {}
         for key, rec in table.items():
-            data = bytes(body[rec["offset"]: rec["offset"] + rec["length"]])
-            (tensors if key.startswith("t:") else shared)[key[2:]] = decode(rec, data)
-    except FileNotFoundError:
-        raise AdapterLoadError(f"{root / DATA_FILE}: file not found") from None
-    except (lzma.LZMAError, struct.error, ValueError, KeyError) as e:
-        raise AdapterLoadError(f"{root / DATA_FILE}: corrupt compressed adapter ({e})") from None
-    return AdapterState(name=meta.get("name") or "default", config=config, targets=meta.get("targets"),
-                        tensors=tensors, shared=shared, layers=meta.get("layers") or {}, base=meta.get("base_model") or {})
+            end = rec["offset"] + rec["length"]
+            if end > len(body):
+                raise ValueError(f"tensor {key} runs past the end of the data")
+            t = decode(rec, bytes(body[rec["offset"]: end]))
+            if key.startswith(SHARED_PREFIX):
+                shared[key[len(SHARED_PREFIX):]] = t
+            else:
+                tensors[key] = t
+    except (lzma.LZMAError, struct.error, ValueError, KeyError, TypeError) as e:
+        raise AdapterLoadError(f"{data_path}: corrupt compressed adapter ({e})") from None
+    saved = meta.get("name")
+    name = name if name is not None else (saved if isinstance(saved, str) and saved else "default")
+    layers = meta.get("layers") if isinstance(meta.get("layers"), dict) else {}
+    base = meta.get("base_model") if isinstance(meta.get("base_model"), dict) else {}
+    return AdapterState(name, config, meta.get("targets"), tensors, shared, layers, base)

@@ -70,6 +70,18 @@ def check_states(states: Sequence[Any]) -> None:
             if k in ref.shared and not torch.equal(ref.shared[k], v):
                 raise ConfigError(f"shared tensor {k!r} differs between {ref.name!r} and {s.name!r}; "
                                   "their adapters live in different bases and cannot be merged")
+    if method in LOW_RANK:
+        seen: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {}
+        for s in states:
+            for path in paths_of(s):
+                t = s.module_tensors(path)
+                if "lora_A" not in t or "lora_B" not in t:
+                    raise ConfigError(f"adapter {s.name!r}: module {path} has no lora_A/lora_B tensors")
+                dims = (tuple(t["lora_A"].shape[1:]), (t["lora_B"].shape[0], *t["lora_B"].shape[2:]), s.name)
+                if path in seen and seen[path][:2] != dims[:2]:
+                    raise ConfigError(f"module {path}: factor shapes A {dims[0]}, B {dims[1]} in adapter {s.name!r} but "
+                                      f"A {seen[path][0]}, B {seen[path][1]} in {seen[path][2]!r}")
+                seen.setdefault(path, dims)
     for s in states:
         stale = [k for k in s.tensors if k.endswith((".init_A", ".init_B"))]
         if stale:
@@ -104,12 +116,23 @@ def merge_states(states: Sequence[Any], method: str = "task_arithmetic", weights
     return _merge_lora(states, m, w, opts, source, rank, space, name, progress)
 
 
+def paths_of(state: Any) -> list[str]:
+    """The module paths ``state`` adapts (its targets; else read off its tensor names)."""
+    if state.targets is not None:
+        return list(state.targets)
+    return list(dict.fromkeys(k.rsplit(".", 1)[0] for k in state.tensors if "." in k))
+
+
 def _targets(states: Sequence[Any]) -> list[str]:
     seen: dict[str, None] = {}
     for s in states:
-        for t in s.layers:
+        for t in paths_of(s):
             seen.setdefault(t, None)
     return list(seen)
+
+
+def _layers(states: Sequence[Any], paths: list[str]) -> dict[str, dict[str, Any]]:
+    return {p: next((dict(s.layers[p]) for s in states if p in s.layers), {}) for p in paths}
 
 
 def _lora_parts(state: Any, path: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
@@ -128,7 +151,7 @@ def _merge_lora(states: list[Any], m: MergeMethod, w: list[float], opts: MergeOp
         w, opts = [x / total for x in w], type(opts)(normalize=False)
     paths = _targets(states)
     if space == "factors":
-        ranks = {p: {int(s.module_tensors(p)["lora_A"].shape[0]) for s in states if p in s.layers} for p in paths}
+        ranks = {p: {int(s.module_tensors(p)["lora_A"].shape[0]) for s in states if p in paths_of(s)} for p in paths}
         bad = next((p for p, r in ranks.items() if len(r) > 1), None)
         if bad is not None:
             raise ConfigError(f"space='factors' needs equal ranks; module {bad} has ranks {sorted(ranks[bad])} "
@@ -174,9 +197,7 @@ def _lora_result(states: list[Any], tensors: dict[str, torch.Tensor], out_rank: 
     config = states[0].config.replace(r=r0, alpha=float(r0), use_rslora=False, rank_pattern=pattern,
                                       alpha_pattern={k: float(v) for k, v in pattern.items()},
                                       target_modules=list(paths), exclude_modules=None, init="default")
-    layers = {}
-    for p in paths:
-        layers[p] = next(s.layers[p] for s in states if p in s.layers)
+    layers = _layers(states, paths)
     return states[0].replace(name=name, config=config, targets=list(paths), tensors=tensors, layers=layers,
                              shared=dict(states[0].shared))
 
@@ -187,7 +208,7 @@ def _merge_additive(states: list[Any], m: MergeMethod, w: list[float], opts: Mer
     paths = _targets(states)
     tensors: dict[str, torch.Tensor] = {}
     for path in paths:
-        present = [(s.module_tensors(path), wi) for s, wi in zip(states, w, strict=True) if path in s.layers]
+        present = [(s.module_tensors(path), wi) for s, wi in zip(states, w, strict=True) if path in paths_of(s)]
         for tname in present[0][0]:
             off = neutral.get(tname, 0.0)
             ref = present[0][0][tname]
@@ -196,7 +217,7 @@ def _merge_additive(states: list[Any], m: MergeMethod, w: list[float], opts: Mer
                 raise ConfigError(f"tensor {path}.{tname} has shapes {sorted(shapes)} in different inputs")
             merged = m([t[tname].float() - off for t, _ in present], [wi for _, wi in present], opts, masks)
             tensors[f"{path}.{tname}"] = (merged + off).to(ref.dtype)
-    layers = {p: next(s.layers[p] for s in states if p in s.layers) for p in paths}
+    layers = _layers(states, paths)
     config = states[0].config.replace(target_modules=list(paths), exclude_modules=None)
     return states[0].replace(name=name, config=config, targets=list(paths), tensors=tensors, layers=layers,
                              shared=dict(states[0].shared))

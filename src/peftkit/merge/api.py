@@ -15,7 +15,7 @@ from .registry import MaskSource, MergeOptions
 
 def _as_state(item: Any) -> Any:
     if isinstance(item, (str, Path)):
-        from ..core.io import read_adapters
+        from ..io import read_adapters
 
         states = read_adapters(item)
         if len(states) != 1:
@@ -46,7 +46,7 @@ def merge_adapters(inputs: Sequence[Any], method: str = "task_arithmetic", weigh
     states = [_as_state(x) for x in inputs]
     merged = merge_states(states, method, weights, options, rank, space, name, masks, progress)
     if out is not None:
-        from ..core.io import write_adapters
+        from ..io import write_adapters
 
         write_adapters([merged], out, format=format)
     return merged

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..core.errors import ConfigError
-from .adapters import _lora_parts, _lora_result, _targets, check_states
+from .adapters import _lora_parts, _lora_result, _targets, check_states, paths_of
 from .lowrank import concat, like_factors
 
 
@@ -69,7 +69,7 @@ def learn_coefficients(model: nn.Module, states: Sequence[Any], loss_fn: Callabl
     tensors: dict[str, torch.Tensor] = {}
     present: dict[str, list[int]] = {}
     for path in paths:
-        idx = [i for i, s in enumerate(states) if path in s.layers]
+        idx = [i for i, s in enumerate(states) if path in paths_of(s)]
         parts = [_lora_parts(states[i], path) for i in idx]
         a, b = concat([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
         A, B = like_factors(a, b, parts[0][0], parts[0][1])

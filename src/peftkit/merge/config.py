@@ -66,9 +66,10 @@ def input_kind(path: Path) -> str:
     if path.is_file() and path.suffix == ".safetensors":
         return "checkpoint"
     if path.is_dir():
-        from ..core.state import detect_format
+        from ..formats import compressed, hf_peft
+        from ..formats import peftkit as native
 
-        if detect_format(path) is not None:
+        if any((path / f).is_file() for f in (native.CONFIG_FILE, hf_peft.CONFIG_FILE, compressed.CONFIG_FILE)):
             return "adapter"
         if any(path.glob("*.safetensors")):
             return "checkpoint"

@@ -61,7 +61,7 @@ def extract_lora(model: nn.Module, finetuned: Any, rank: int | None = None, ener
     (``key_prefix`` is prepended to the module path to find them). Exactly one of ``rank`` and
     ``energy`` (a fraction in (0, 1]).
     """
-    from ..core.adapter_state import AdapterState
+    from ..core.adapter_state import AdapterState, base_facts
     from ..core.targeting import display_name, resolve_targets
     from ..methods.lora import LoRA
 
@@ -118,9 +118,6 @@ def extract_lora(model: nn.Module, finetuned: Any, rank: int | None = None, ener
     pattern = {re.escape(p): r for p, r in ranks.items() if r != r0}
     config = LoRA(r=r0, alpha=float(r0), rank_pattern=pattern, alpha_pattern={k: float(v) for k, v in pattern.items()},
                   target_modules=[p for p, _, _ in plan])
-    base = {"class": type(model).__name__,
-            "name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
-            "parameters": sum(p.numel() for p in model.parameters())}
     state = AdapterState(name=name, config=config, targets=[p for p, _, _ in plan], tensors=tensors, shared={},
-                         layers=layers, base=base)
+                         layers=layers, base=base_facts(model))
     return state, report
