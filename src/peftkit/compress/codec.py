@@ -93,7 +93,7 @@ def compeft_encode(t: torch.Tensor, density: float, scale: str = "l2", alpha: fl
     positions = varint_encode(gaps)
     signs = np.packbits((kept < 0).numpy().astype(np.uint8)).tobytes()
     record = {"encoding": "compeft", "shape": list(t.shape), "dtype": _dtype_name(t.dtype), "k": k,
-              "scale": c, "offset": offset, "index_bytes": len(positions)}
+              "scale": c, "neutral": offset, "index_bytes": len(positions)}
     return record, positions + signs
 
 
@@ -133,7 +133,7 @@ def decode(record: dict[str, Any], data: bytes) -> torch.Tensor:
         neg = np.unpackbits(np.frombuffer(data[nb:], dtype=np.uint8))[:k].astype(bool)
         vals = torch.full((k,), float(record["scale"]))
         vals[torch.from_numpy(neg)] *= -1
-        out = torch.full((n,), float(record.get("offset", 0.0)))
+        out = torch.full((n,), float(record.get("neutral", 0.0)))
         out[idx] += vals
         return out.reshape(shape).to(dtype)
     if enc in LOWBIT_QMAX:
