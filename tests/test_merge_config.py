@@ -75,3 +75,23 @@ def test_spec_reads_per_input_weights_and_seed(tmp_path, ckpts):
                                        "shard_size": "1MB"}))
     assert spec.weights == [2, 1.0] and spec.options == {"seed": 3} and spec.kind == "checkpoint"
     assert spec.shard_size == 10**6
+
+
+def test_cli_merges_adapters_from_a_yaml_file(tmp_path, capsys):
+    import peftkit
+    from tests.models import tiny_llama
+
+    model, _, _ = tiny_llama()
+    for i, name in enumerate(("a", "b")):
+        peftkit.attach(model, peftkit.LoRA(r=2 + i, target_modules=["q_proj"]), name)
+        peftkit.save(model, tmp_path / name, name)
+    cfg = _write(tmp_path, {"inputs": [str(tmp_path / "a"), str(tmp_path / "b")], "method": "dare_ties",
+                            "options": {"density": 0.5}, "seed": 1, "rank": 3, "name": "both",
+                            "output": str(tmp_path / "m"), "format": "hf"})
+    assert main(["merge", str(cfg), "--no-progress"]) == 0
+    state = peftkit.read_adapters(tmp_path / "m")[0]
+    assert (tmp_path / "m" / "adapter_config.json").is_file() and state.config.r == 3
+    bad = _write(tmp_path, {"inputs": [str(tmp_path / "a"), str(tmp_path / "b")], "method": "ties",
+                            "base": str(tmp_path / "a"), "output": str(tmp_path / "n")})
+    assert main(["merge", str(bad)]) == 2
+    assert "'base' applies to checkpoint merges" in capsys.readouterr().err
