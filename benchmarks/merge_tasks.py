@@ -28,12 +28,14 @@ from peftkit.cli import tasks
 from peftkit.data import batches, load_records
 from peftkit.train import load_extra
 
+LIMIT: int | None = None  # score on the first LIMIT validation rows (CPU budget); None: all
+
 
 def accuracy(adapter: Path, head: Path, info: dict, data: str) -> float:
     model, tok = tasks.load_model(info["model"], "classification", num_labels=len(info["labels"]))
     peftkit.load(model, adapter)
     load_extra(model, head)
-    records = load_records(data, info.get("columns"))
+    records = load_records(data, info.get("columns"))[:LIMIT]
     ex, _ = tasks.examples("classification", records, tok, info.get("max_length") or 128, info["labels"], None)
     bl = batches(ex, 64, tok.pad_token_id or 0, shuffle=False, seed=0, bucket=False)
     with torch.no_grad():
@@ -52,8 +54,12 @@ def main() -> None:
     p.add_argument("--topic-data", default="out/topic/validation.tsv")
     p.add_argument("--workdir", default="out/merge-bench")
     p.add_argument("--json", default="out/merge-bench/results.json")
+    p.add_argument("--limit", type=int, default=None, help="score on the first N validation rows of each task")
+    p.add_argument("--compeft-densities", default="0.1,0.3,0.5")
     p.add_argument("--lowbit-accuracy", action="store_true", help="also score the int8 / int4 adapters (sizes always)")
     a = p.parse_args()
+    global LIMIT
+    LIMIT = a.limit
     torch.manual_seed(0)
     wd = Path(a.workdir)
     shutil.rmtree(wd, ignore_errors=True)
@@ -80,17 +86,21 @@ def main() -> None:
             row[k] = acc
             row[f"{k}_fraction"] = acc / results["alone"][k]
         results[label] = row
+        Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"{label}: " + ", ".join(f"{k} {row[k]:.4f} ({row[f'{k}_fraction']:.3f} of alone)" for k in dirs)
               + f"; merge {secs:.1f} s", flush=True)
-    for method, kw in (("compeft", {"density": 0.1}), ("int8", {}), ("int4", {})):
-        out = wd / f"sst2-{method}"
+    runs = [("compeft", {"density": float(d)}) for d in a.compeft_densities.split(",")] + [("int8", {}), ("int4", {})]
+    for method, kw in runs:
+        label = f"{method}{kw.get('density', '')}"
+        out = wd / f"sst2-{label}"
         peftkit.compress(dirs["sst2"], out, method=method, **kw)
         scored = method == "compeft" or a.lowbit_accuracy
         acc = accuracy(out, dirs["sst2"], info["sst2"], data["sst2"]) if scored else float("nan")
         ratio = adapter_bytes(dirs["sst2"]) / adapter_bytes(out)
-        results[f"sst2 {method}"] = {"accuracy": acc, "change_points": 100 * (acc - results["alone"]["sst2"]),
+        results[f"sst2 {label}"] = {"accuracy": acc, "change_points": 100 * (acc - results["alone"]["sst2"]),
                                      "size_ratio": ratio, "bytes": adapter_bytes(out),
                                      "original_bytes": adapter_bytes(dirs["sst2"])}
+        Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"sst2 {method} {kw}: {adapter_bytes(dirs['sst2']):,} -> {adapter_bytes(out):,} bytes ({ratio:.1f}x smaller), "
               f"accuracy {acc:.4f} ({100 * (acc - results['alone']['sst2']):+.2f} points)", flush=True)
     Path(a.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The two MiniLM-L6 task adapters of the merge benchmark (LoRA r=16 on query/key/value/dense, lr 1e-3; each run
 # under 10 min on 2 cores): SST-2 (400 steps x 32 sentences, a subsample of one epoch) and the generated 4-topic task
-# (200 steps x 32 of 8,000 sentences). Then: python benchmarks/merge_tasks.py
+# (120 steps x 32 of 8,000 sentences). Then: python benchmarks/merge_tasks.py
 # Usage: bash benchmarks/merge_train.sh [SST2_DIR] [OUT]
 set -euo pipefail
 DATA=${1:-../shared/data/sst2}
@@ -13,4 +13,4 @@ HF_HUB_OFFLINE=1 nice -n 10 peftkit train --model minilm-l6 --task classificatio
   --max-steps 400 --max-length 66 --eval-every 400 --log-every 50
 HF_HUB_OFFLINE=1 nice -n 10 peftkit train --model minilm-l6 --task classification "${LORA[@]}" \
   --data "$OUT/topic/train.tsv" --eval-data "$OUT/topic/validation.tsv" --columns text=sentence --output "$OUT/topic-run" \
-  --max-steps 200 --max-length 40 --eval-every 200 --log-every 50
+  --max-steps 120 --max-length 32 --eval-every 120 --log-every 10
