@@ -102,7 +102,7 @@ def test_bad_input_is_refused_before_writing(tmp_path, ckpts):
 def test_failed_merge_leaves_existing_output_untouched(tmp_path, ckpts, monkeypatch):
     out = merge_checkpoints(ckpts[1:], tmp_path / "out", "task_arithmetic", progress=False)
     before = (out / "model.safetensors").read_bytes()
-    import peftkit.merge.checkpoint as ck
+    from peftkit.merge import checkpoint as ck
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
