@@ -1,8 +1,8 @@
 """Lazy checkpoint merge: peak RSS against loading every checkpoint, on SmolLM2-135M.
 
 Writes SmolLM2-135M-Instruct's state dict (fp32) as a base checkpoint and two fine-tune stand-ins
-(base + small Gaussian perturbations, different seeds), then merges the two against the base with
-TIES (density 0.5) twice, each in a fresh process:
+(base + small Gaussian perturbations, different seeds), then merges the two against the base
+(``--method task_arithmetic`` by default, or ``ties`` with density 0.5) twice, each in a fresh process:
 
 * **lazy**: ``peftkit.merge.merge_checkpoints`` (tensor by tensor, streamed output);
 * **eager**: every checkpoint loaded whole with ``safetensors.torch.load_file``, the same method
@@ -12,7 +12,10 @@ Each child reports its peak RSS (``ru_maxrss``) and its RSS after imports; the s
 the largest tensor and the largest tensor group (that tensor in the 3 inputs + the result), and
 checks that the two outputs are equal.
 
-    nice -n 10 python benchmarks/merge_checkpoint_memory.py --workdir out/ckpt-bench
+    nice -n 10 python benchmarks/merge_checkpoint_memory.py --workdir out/ckpt-bench [--method ties] [--reuse]
+
+The method's own temporaries count too: TIES on the 28M-entry embedding holds trimmed copies, signs,
+top-k indices and masks, several times the tensor; task arithmetic needs about two.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def prepare(workdir: Path, sigma: float) -> dict[str, object]:
             "largest": largest[0], "largest_mb": nbytes / 2**20}
 
 
-def child(kind: str, workdir: Path) -> None:
+def child(kind: str, workdir: Path, method: str) -> None:
     import torch  # noqa: F401
 
     from peftkit.merge import get_merge_method, make_options, merge_checkpoints
@@ -70,14 +73,14 @@ def child(kind: str, workdir: Path) -> None:
     after_imports = rss_mb()
     t0 = time.perf_counter()
     inputs = [workdir / "a.safetensors", workdir / "b.safetensors"]
-    opts = {"density": 0.5}
+    opts = {"density": 0.5} if method == "ties" else {}
     if kind == "lazy":
-        merge_checkpoints(inputs, workdir / "lazy", "ties", [1.0, 1.0], opts, base=workdir / "base.safetensors",
+        merge_checkpoints(inputs, workdir / "lazy", method, [1.0, 1.0], opts, base=workdir / "base.safetensors",
                           progress=False, overwrite=True)
     else:
         from safetensors.torch import load_file, save_file
 
-        m = get_merge_method("ties")
+        m = get_merge_method(method)
         o = make_options(m, opts, 2)
         base = load_file(str(workdir / "base.safetensors"))
         a, b = (load_file(str(p)) for p in inputs)
@@ -98,16 +101,24 @@ def main() -> None:
     p.add_argument("--workdir", default="out/ckpt-bench")
     p.add_argument("--sigma", type=float, default=1e-3)
     p.add_argument("--child", choices=["lazy", "eager"])
+    p.add_argument("--method", default="task_arithmetic", help="task_arithmetic (default) or ties (density 0.5)")
+    p.add_argument("--reuse", action="store_true", help="keep the checkpoints of an earlier run in --workdir")
     a = p.parse_args()
     wd = Path(a.workdir)
     if a.child:
-        child(a.child, wd)
+        child(a.child, wd, a.method)
         return
-    facts = prepare(wd, a.sigma)
+    facts_file = wd / "facts.json"
+    if a.reuse and facts_file.is_file():
+        facts = json.loads(facts_file.read_text())
+    else:
+        facts = prepare(wd, a.sigma)
+        facts_file.write_text(json.dumps(facts))
     runs = {}
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     for kind in ("lazy", "eager"):
-        out = subprocess.run([sys.executable, __file__, "--workdir", str(wd), "--child", kind], check=True,
+        out = subprocess.run([sys.executable, __file__, "--workdir", str(wd), "--child", kind, "--method", a.method],
+                             check=True,
                              capture_output=True, text=True, env=env).stdout
         runs[kind] = json.loads(out.strip().splitlines()[-1])
     from safetensors.torch import load_file
@@ -116,7 +127,7 @@ def main() -> None:
     same = all(bool((lazy[k] == eager[k]).all()) for k in eager)
     group_mb = 4 * facts["largest_mb"]  # the largest tensor in base, a, b and the result
     lz, eg = runs["lazy"], runs["eager"]
-    print(f"SmolLM2-135M fp32: {facts['tensors']} tensors, {facts['total_mb']:.0f} MB per checkpoint; largest tensor "
+    print(f"{a.method}: SmolLM2-135M fp32: {facts['tensors']} tensors, {facts['total_mb']:.0f} MB per checkpoint; largest tensor "
           f"{facts['largest']} {facts['largest_mb']:.1f} MB (group of 4: {group_mb:.0f} MB)")
     for r in (lz, eg):
         grow = r["peak_mb"] - r["after_imports_mb"]
