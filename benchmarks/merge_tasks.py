@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--json", default="out/merge-bench/results.json")
     p.add_argument("--limit", type=int, default=None, help="score on the first N validation rows of each task")
     p.add_argument("--compeft-densities", default="0.1,0.3,0.5")
+    p.add_argument("--compress-only", action="store_true", help="only the SST-2 compression figures (no second task)")
     p.add_argument("--lowbit-accuracy", action="store_true", help="also score the int8 / int4 adapters (sizes always)")
     a = p.parse_args()
     global LIMIT
@@ -64,7 +65,7 @@ def main() -> None:
     wd = Path(a.workdir)
     shutil.rmtree(wd, ignore_errors=True)
     wd.mkdir(parents=True)
-    dirs = {"sst2": Path(a.sst2), "topic": Path(a.topic)}
+    dirs = {"sst2": Path(a.sst2)} if a.compress_only else {"sst2": Path(a.sst2), "topic": Path(a.topic)}
     data = {"sst2": a.sst2_data, "topic": a.topic_data}
     info = {k: tasks.read_task(d) for k, d in dirs.items()}
     results: dict[str, dict] = {"alone": {}}
@@ -75,7 +76,7 @@ def main() -> None:
         "task_arithmetic (w=1,1)": dict(method="task_arithmetic", weights=[1.0, 1.0]),
         "ties (density 0.5, w=1,1, rank 32)": dict(method="ties", weights=[1.0, 1.0], options={"density": 0.5}, rank=32),
     }
-    for label, kw in merges.items():
+    for label, kw in ({} if a.compress_only else merges).items():
         out = wd / label.split(" ")[0] / str(len(results))
         t0 = time.perf_counter()
         peftkit.merge_adapters([dirs["sst2"], dirs["topic"]], output=out, **kw)
