@@ -90,7 +90,7 @@ def main() -> None:
         Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"{label}: " + ", ".join(f"{k} {row[k]:.4f} ({row[f'{k}_fraction']:.3f} of alone)" for k in dirs)
               + f"; merge {secs:.1f} s", flush=True)
-    runs = [("compeft", {"density": float(d)}) for d in a.compeft_densities.split(",")] + [("int8", {}), ("int4", {})]
+    runs = [("compeft", {"density": float(d)}) for d in a.compeft_densities.split(",") if d] + [("int8", {}), ("int4", {})]
     for method, kw in runs:
         label = f"{method}{kw.get('density', '')}"
         out = wd / f"sst2-{label}"
