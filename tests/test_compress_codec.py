@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from peftkit.compress import codec
+from peftkit.formats import tensor_codec as codec
 
 
 def test_varints_round_trip():

@@ -3,7 +3,7 @@
     peftkit.compress("out/adapter", "out/adapter-compeft", method="compeft", density=0.1)
     peftkit.load(model, "out/adapter-compeft")      # decoded transparently
 
-Methods (math in :mod:`peftkit.compress.codec`):
+Methods (math in :mod:`peftkit.formats.tensor_codec`):
 
 * ``"compeft"`` — the top-``density`` entries of each tensor's task vector, their signs and one scale
   per tensor (``scale="l2"``: the mean kept magnitude; ``"std"``: ``alpha · std``), entropy-coded;
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError, did_you_mean
-from . import codec
+from ..formats import tensor_codec as codec
 
 METHODS = ("compeft", "int8", "int4")
 SCALES = ("l2", "std")

@@ -5,7 +5,7 @@ A folder holding
 * ``peftkit_compressed.json`` — the adapter's identity as in peftkit's own format (name, method
   config, targets, layer facts, base model) plus the compression settings and sizes;
 * ``adapter.pkc`` — ``LZMA( u32 n | n bytes of JSON: {tensor: record} | payloads )``: each tensor's
-  encoding record (:mod:`peftkit.compress.codec`: ``raw``, ``compeft``, ``int8`` or ``int4``; shape,
+  encoding record (:mod:`peftkit.formats.tensor_codec`: ``raw``, ``compeft``, ``int8`` or ``int4``; shape,
   dtype, scale, and the offset and length of its payload) followed by the payloads back to back.
   Shared tensors are keyed ``__shared__.<name>``.
 
@@ -75,7 +75,7 @@ def files(state: AdapterState, records: Records, shared: Records, settings: dict
 
 def read(reader: FolderReader, name: str | None = None) -> AdapterState:
     """The adapter in the compressed folder of ``reader``, decoded."""
-    from ..compress.codec import decode
+    from .tensor_codec import decode
 
     root = reader.root
     where = root / CONFIG_FILE

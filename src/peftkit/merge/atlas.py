@@ -50,7 +50,8 @@ def learn_coefficients(model: nn.Module, states: Sequence[Any], loss_fn: Callabl
     Returns ``(merged AdapterState, {module: [λ_1 … λ_n]})`` (λ = 0 where an adapter lacks the module).
     ``init``: the starting λ per adapter (default 1/n each).
     """
-    from .. import delete, get_adapter, install
+    from ..core.adapter_state import install
+    from ..core.api import delete, get_adapter
 
     states = list(states)
     check_states(states)

@@ -112,8 +112,7 @@ def merge_method(name: str, options: type[MergeOptions], *, linear: bool = False
 
 
 def get_merge_method(name: str) -> MergeMethod:
-    from . import methods  # noqa: F401  (the built-in methods register on import)
-
+    """The registered method ``name`` (the built-ins register when ``peftkit.merge`` is imported)."""
     key = str(name).lower().replace("-", "_")
     if key not in MERGE_METHODS:
         raise ConfigError(f"unknown merge method {name!r}{did_you_mean(str(name), MERGE_METHODS)}; "
