@@ -156,7 +156,10 @@ def parse_spec(data: Any, where: str = "merge config", root: Path | None = None)
 
 
 def load_spec(path: str | Path) -> MergeSpec:
-    import yaml
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError("reading a merge file needs PyYAML: pip install 'peftkit[merge]'") from None
 
     p = Path(path)
     if not p.is_file():
