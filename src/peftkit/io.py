@@ -26,7 +26,7 @@ from .core.files import FolderReader, write_folder
 from .core.model import active_names, adapter_names, check_names, iter_sites
 from .core.sharding import check_unsharded, is_sharded, write_once_with
 from .core.targeting import display_name
-from .formats import hf_peft
+from .formats import compressed, hf_peft
 from .formats import peftkit as native
 
 FORMATS = ("peftkit", "hf")
@@ -100,7 +100,7 @@ def _torn(e: AdapterLoadError) -> bool:
 
 
 def _read_folder(reader: FolderReader, name: str | None) -> list[AdapterState]:
-    for fmt in (native, hf_peft):
+    for fmt in (native, hf_peft, compressed):  # compressed: written by peftkit.compress
         if fmt.detect(reader):
             return [fmt.read(reader, name)]
     subs = []

@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", allow_abbrev=False, help="OpenAI-compatible server: one base model, many adapters")
     serve_arguments(s)
     s.set_defaults(func=commands.serve)
+
+    from .merge_commands import add_parsers as add_merge_parsers  # peftkit merge / peftkit compress
+
+    add_merge_parsers(sub)
     return ap
 
 
