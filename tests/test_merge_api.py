@@ -128,6 +128,6 @@ def test_extract_lora_recovers_a_low_rank_fine_tune():
 
 
 def test_peftkit_merge_is_still_the_fold_function():
-    import peftkit.merging.registry  # noqa: F401 - the subpackage has its own name
+    import peftkit.merging.registry
 
     assert callable(peftkit.merge) and peftkit.merge.__module__ == "peftkit.core.api"

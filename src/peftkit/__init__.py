@@ -43,7 +43,6 @@ from .methods.prompt import PromptTuning
 from .methods.selection import BitFit, LayerNormTuning
 from .methods.sparse import SparseFT, fish_scores
 
-
 __all__ = [
     "IA3",
     "METHODS",
