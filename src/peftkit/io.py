@@ -99,14 +99,26 @@ def _torn(e: AdapterLoadError) -> bool:
     return "file not found" in text or "no such adapter directory" in text or "different saves" in text
 
 
+READERS = {"peftkit": native, "hf": hf_peft, "compressed": compressed}  # compressed: written by peftkit.compress
+
+
+def detect_format(path: str | Path) -> str | None:
+    """The format of the adapter folder ``path`` (``"peftkit"``, ``"hf"``, ``"compressed"``), None if none."""
+    try:
+        with FolderReader(Path(path)) as reader:
+            return next((n for n, fmt in READERS.items() if fmt.detect(reader)), None)
+    except AdapterLoadError:
+        return None
+
+
 def _read_folder(reader: FolderReader, name: str | None) -> list[AdapterState]:
-    for fmt in (native, hf_peft, compressed):  # compressed: written by peftkit.compress
+    for fmt in READERS.values():
         if fmt.detect(reader):
             return [fmt.read(reader, name)]
     subs = []
     for sub in reader.subfolders():
         with reader.sub(sub) as r:
-            if native.detect(r) or hf_peft.detect(r):
+            if any(fmt.detect(r) for fmt in READERS.values()):
                 subs.append(sub)
     if not subs:
         raise AdapterLoadError(f"{reader.root}: no adapter here (expected {native.CONFIG_FILE} or peft's "
@@ -116,7 +128,7 @@ def _read_folder(reader: FolderReader, name: str | None) -> list[AdapterState]:
     out = []
     for sub in subs:
         with reader.sub(sub) as r:
-            fmt = native if native.detect(r) else hf_peft
+            fmt = next(f for f in READERS.values() if f.detect(r))
             out.append(fmt.read(r, name if name is not None else sub))
     return out
 
@@ -183,4 +195,4 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, trainable:
     return model
 
 
-__all__ = ["FORMATS", "load", "read_adapters", "save", "write_adapters"]
+__all__ = ["FORMATS", "detect_format", "load", "read_adapters", "save", "write_adapters"]

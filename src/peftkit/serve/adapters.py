@@ -49,7 +49,7 @@ def resolve_under(root: Path, path: str) -> Path:
 
 
 def check_dir(path: Path) -> None:
-    from ..core.state import detect_format
+    from ..io import detect_format
 
     if not path.is_dir():
         raise AdapterLoadError(f"adapter directory {path} does not exist")
@@ -140,7 +140,7 @@ class AdapterTable:
 
     def _load(self, name: str) -> None:
         from ..core.api import activate, delete, get_adapter
-        from ..core.state import load
+        from ..io import load
 
         path = self.known[name].path
         load(self.model, path, name=name)
