@@ -180,8 +180,8 @@ def test_eval_and_generate_an_adapter_written_by_peft(llama_dir, lm_data, tmp_pa
     assert "--model and --task causal-lm" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "hf"), "--model", str(llama_dir), "--task", "causal-lm", "--data", str(evald)]) == 0
     ours = float(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("eval_loss")).split()[1])
-    from peftkit.cli.tasks import examples
     from peftkit.data import load_records
+    from peftkit.tasks import examples
 
     ex, _ = examples("causal-lm", load_records(evald), llama_tok(), 256)
     with torch.no_grad():

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
+from .. import tasks
 from ..core.errors import ConfigError
 from ..data import check_prompt_format
-from . import tasks
 from .options import build_config, parse_method_flags
 
 TRAIN_KEYS = {"model", "task", "method", "data", "eval_data", "output", "columns", "epochs", "max_steps", "batch_size",
@@ -140,22 +140,6 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _load_adapted(adapter: Path | None, info: dict[str, Any], model_name: str | None = None, tok: Any = None):
-    """The base model (``model_name`` or the one recorded in ``info``) with the adapter of ``adapter`` loaded."""
-    from ..core.state import load
-    from ..train import load_extra
-
-    task = info["task"]
-    labels = info.get("labels")
-    model, tok = tasks.load_model(model_name or info["model"], task, num_labels=len(labels) if labels else None,
-                                  tok=tok)
-    if adapter is not None and info.get("method") != "full":
-        load(model, adapter)
-    if adapter is not None and (adapter / "extra.safetensors").is_file():
-        load_extra(model, adapter)
-    return model.eval(), tok
-
-
 def evaluate(args: argparse.Namespace, extra: list[str]) -> int:
     """Score an adapter directory — or, without one, the base model (``--model`` and ``--task``) — on a data set."""
     from ..data import batches, load_records
@@ -185,7 +169,7 @@ def evaluate(args: argparse.Namespace, extra: list[str]) -> int:
         fmt = check_prompt_format(fmt, tok)
     max_length = args.max_length or info.get("max_length") or 256
     ex, _ = tasks.examples(info["task"], records, tok, max_length, info.get("labels"), fmt)  # checked before loading
-    model, tok = _load_adapted(adapter, info, args.model, tok)
+    model, tok = tasks.load_adapted(adapter, info, args.model, tok)
     bl = batches(ex, args.batch_size, tok.pad_token_id or 0, shuffle=False, seed=0, bucket=False)
     with torch.no_grad():
         raw = tasks.classification_metrics(model, bl) if info["task"] == "classification" else default_evaluate(model, bl)
@@ -201,8 +185,8 @@ def evaluate(args: argparse.Namespace, extra: list[str]) -> int:
 def generate(args: argparse.Namespace, extra: list[str]) -> int:
     import sys
 
+    from .. import load
     from ..core.api import activate
-    from ..core.state import load
     from ..data import prompt_ids
 
     dirs = [Path(a) for a in args.adapter]

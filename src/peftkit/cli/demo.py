@@ -28,9 +28,8 @@ def reversal_rows(n: int, seed: int) -> list[dict[str, str]]:
 
 
 def run_demo(output: Path, steps: int = 100, model_name: str = "smollm2-135m", held_out: int = 30) -> int:
-    from .. import LoRA, attach, summary
+    from .. import LoRA, attach, summary, tasks
     from ..train import TrainConfig, train
-    from . import tasks
 
     t_start = time.time()
     train_rows = reversal_rows(steps * 8, seed=0)
