@@ -365,10 +365,54 @@ def test_extra_head_trained_saved_and_reloaded(tmp_path):
         train(model, cfg(tmp_path, "bad"), data, collate=collate, trainable_extra=["classifer"])
 
 
-def test_progress_bar(tmp_path, capsys):
+def test_head_lr_is_the_lr_of_the_extra_modules(tmp_path):
+    """Adam's first step moves every parameter by its group's lr (m/√v = ±1): the head by head_lr, the adapter
+    by lr."""
+    model, _, _ = tiny_bert(0)
+    peftkit.attach(model, peftkit.LoRA(r=4, alpha=8, target_modules=["query", "value"]))
+    with torch.no_grad():  # every LoRA parameter gets a gradient from step 1
+        for name, p in peftkit.adapter_parameters(model).items():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.02)
+    head0, ad0 = model.classifier.weight.detach().clone(), adapter_tensors(model)
+    train(model, cfg(tmp_path, max_steps=1, lr=1e-4, head_lr=1e-2, max_grad_norm=None), cls_examples(),
+          collate=collate, trainable_extra=["classifier"])
+    head_step = (model.classifier.weight.detach() - head0).abs()
+    assert head_step.max() == pytest.approx(1e-2, rel=1e-2) and head_step.min() > 0.5e-2
+    ad_step = max(float((v - ad0[k]).abs().max()) for k, v in adapter_tensors(model).items())
+    assert ad_step == pytest.approx(1e-4, rel=1e-2)
+
+
+def test_eval_each_epoch_and_early_stopping_said_on_stdout(tmp_path, capsys):
+    model, _, _ = tiny_bert(0)
+    peftkit.attach(model, peftkit.LoRA(r=4, alpha=8, target_modules=["query", "value"]))
+    data = cls_examples(12)  # batch 4: 3 steps per epoch
+    train(model, cfg(tmp_path, max_steps=None, epochs=2, eval_each_epoch=True), data, data[:4], collate=collate,
+          trainable_extra=["classifier"])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+    capsys.readouterr()
+    train(llama_lora(), cfg(tmp_path, "stop", lr=0.0, max_steps=20, eval_every=1, early_stopping_patience=3),
+          lm_examples(), lm_examples(4, seed=9), collate=collate)
+    out = capsys.readouterr().out
+    assert "early stopping at step 4/20: eval_loss has not improved" in out and "(step 1) for 3 evaluations" in out
+
+
+def test_progress_bar(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
     train(llama_lora(), cfg(tmp_path, max_steps=2, progress=True), lm_examples(), collate=collate)
     err = capsys.readouterr().err
     assert "train" in err and "loss" in err and "tok_s" in err
+    monkeypatch.undo()
+
+
+def test_plain_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    """Under nohup, CI or a log file (stderr not a terminal) a plain line every log_every steps: step, loss,
+    tokens/s and ETA."""
+    train(llama_lora(), cfg(tmp_path, max_steps=4, log_every=2, progress=None), lm_examples(), collate=collate)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split()[1] for line in lines] == ["2/4", "4/4"], lines
+    assert all("loss" in line and "tok/s" in line and "ETA" in line for line in lines)
     train(llama_lora(), cfg(tmp_path, "quiet", max_steps=2), lm_examples(), collate=collate)
     assert capsys.readouterr().err == ""
 

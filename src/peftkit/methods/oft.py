@@ -20,7 +20,8 @@ peft 0.21.2 (whose files peftkit reads and writes):
   ``Q``; both are reproduced as peft computes them so that peft files give the same outputs.)
 
 Options: give exactly one of ``r`` (blocks per layer) or ``oft_block_size`` (``b``); the other
-follows from ``d``. Neither given means ``oft_block_size=32`` (peft 0.21.2's default). ``block_share`` trains one block used ``n`` times. ``coft`` (constrained OFT)
+follows from ``d``. Neither given means ``oft_block_size=32`` (peft 0.21.2's default).
+``block_share`` trains one block used ``n`` times. ``coft`` (constrained OFT)
 projects, before each use, every ``Q_i`` onto the Frobenius ball of radius ``eps / √n_stored``
 (in place, as peft does), which keeps ``R`` close to ``I``. The trainable parameter ``oft_R`` has
 peft's shape ``(n or 1, b(b−1)/2)`` (the row-major upper triangle of each block); ``Q = 0`` at

@@ -158,8 +158,9 @@ class _Run:
         self.net = self.model if self.sharded else distributed.wrap(self.model, info)
         self.was_training = self.model.training
         self.model.train()
-        show = config.progress if config.progress is not None else sys.stderr.isatty()
-        self.bar = report.Progress(self.total, s["step"], show and info.is_main, config.log_every)
+        # a bar on a terminal, else (a log file, CI) a plain line every log_every steps
+        self.bar = report.Progress(self.total, s["step"], config.progress is not False and info.is_main,
+                                   config.log_every, bar=sys.stderr.isatty())
         self.resume_point = {"epoch": s["epoch"], "pos": s["pos"], "rng": checkpoint.capture_rng()}
         self.epoch_batches: tuple[int, list[Batch]] | None = None
         evals = [r["step"] for r in s["history"] if any(k.startswith("eval_") for k in r)]
@@ -223,10 +224,15 @@ class _Run:
                        "loss": distributed.mean_across(w[0] / w[1], info),
                        "lr": logs["lr"], "grad_norm": logs["grad_norm"], "tokens_per_s": round(tok_s, 1)})
             s["window"], self.window_start = [0.0, 0, 0], time.monotonic()
-        if self.eval_batches is not None and config.eval_every and s["step"] % config.eval_every == 0:
+        epoch_end = config.eval_each_epoch and s["pos"] == 0
+        if self.eval_batches is not None and (epoch_end or (config.eval_every and s["step"] % config.eval_every == 0)):
             logs.update(self.run_eval())
             patience = config.early_stopping_patience
             s["stopped_early"] = patience is not None and s["bad_evals"] >= patience
+            if s["stopped_early"] and info.is_main:
+                print(f"early stopping at step {s['step']}/{self.total}: {config.metric} has not improved on "
+                      f"{_fmt(s['best'])} (step {s['best_step']}) for {patience} evaluations "
+                      f"(early_stopping_patience={patience})", flush=True)
         if config.save_every and s["step"] % config.save_every == 0:
             self.save_checkpoint()
             distributed.barrier(info)
@@ -357,6 +363,10 @@ def _write_outputs(model: nn.Module, extra: dict[str, nn.Parameter], output: Pat
     report.write_report(output / "report.md", metrics, config.to_dict(), history)
 
 
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def _unfreeze_extra(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Parameter]:
     modules = dict(model.named_modules())
     out: dict[str, nn.Parameter] = {}
@@ -388,9 +398,14 @@ def _optimizer(model: nn.Module, config: TrainConfig, params: list[nn.Parameter]
 
         groups = lora_plus_param_groups(model, config.lr, config.loraplus_ratio, config.weight_decay)
         if extra:
-            groups.append({"params": extra, "lr": config.lr, "weight_decay": config.weight_decay})
+            groups.append({"params": extra, "lr": config.head_lr if config.head_lr is not None else config.lr,
+                           "weight_decay": config.weight_decay})
     else:
-        groups = [{"params": params}]
+        ids = {id(p) for p in extra}
+        groups = [{"params": [p for p in params if id(p) not in ids]}]
+        if extra:
+            groups.append({"params": extra, "lr": config.head_lr if config.head_lr is not None else config.lr})
+        groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 

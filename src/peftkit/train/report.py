@@ -110,13 +110,14 @@ def plot_curves(path: Path, history: list[dict[str, Any]], metric: str) -> bool:
 
 
 class Progress:
-    """A tqdm bar when tqdm is installed, else a plain line every ``log_every`` steps; silent when disabled."""
+    """A tqdm bar when ``bar`` (stderr is a terminal) and tqdm is installed, else a plain line every ``log_every``
+    steps (step, loss, tokens/s, ETA) that reads well in a log file; silent when disabled."""
 
-    def __init__(self, total: int, initial: int, enabled: bool, log_every: int) -> None:
+    def __init__(self, total: int, initial: int, enabled: bool, log_every: int, bar: bool = True) -> None:
         self.total, self.enabled, self.log_every = total, enabled, log_every
         self.bar = None
         self.start, self.start_step = time.monotonic(), initial
-        if enabled:
+        if enabled and bar:
             try:
                 from tqdm.auto import tqdm
 
