@@ -112,8 +112,13 @@ def examples(task: str, records: list[dict], tok: Any, max_length: int, labels: 
 
     if task == "causal-lm":
         return build_causal_lm_examples(apply_prompt_format(records, prompt_format), tok, max_length), None
-    ex, names = build_classification_examples(records, tok, max_length, text_pair_col=_pair_col(records), labels=labels)
-    return ex, names
+    try:
+        return build_classification_examples(records, tok, max_length, text_pair_col=_pair_col(records), labels=labels)
+    except ConfigError as e:
+        if "column" in str(e) and "has no column" in str(e):
+            raise ConfigError(f"{e} (classification reads the columns 'text' and 'label': map yours with "
+                              "--columns text=sentence,label=sentiment)") from None
+        raise
 
 
 def _pair_col(records: list[dict]) -> str | None:
@@ -191,8 +196,23 @@ def write_task(adapter_dir: Path, info: dict[str, Any]) -> None:
 
 
 def read_task(adapter_dir: Path) -> dict[str, Any]:
+    """The task record of an adapter directory, checked: a JSON object with a known ``task`` and a ``model`` name."""
     p = Path(adapter_dir) / TASK_FILE
     if not p.is_file():
         raise ConfigError(f"{adapter_dir}: no {TASK_FILE} (it was not written by `peftkit train`); for a causal-LM "
                           "adapter saved by peftkit.save or by peft, pass --model and --task causal-lm")
-    return json.loads(p.read_text())
+    try:
+        info = json.loads(p.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ConfigError(f"{p}: corrupt task record, not valid JSON{where}; rewrite it or retrain") from None
+    if not isinstance(info, dict):
+        raise ConfigError(f"{p}: corrupt task record: expected a JSON object, found {type(info).__name__}")
+    for key in ("task", "model"):
+        if not isinstance(info.get(key), str) or not info[key]:
+            raise ConfigError(f"{p}: the task record has no {key!r} (fields: {', '.join(map(str, info)) or 'none'})")
+    check_task(info["task"])
+    labels = info.get("labels")
+    if info["task"] == "classification" and (not isinstance(labels, list) or not labels):
+        raise ConfigError(f"{p}: a classification task record needs its 'labels' list")
+    return info
