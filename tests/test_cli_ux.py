@@ -301,3 +301,15 @@ def test_oft_trains_with_its_default_block_size(llama_dir, lm_data, tmp_path, ca
     assert rc == 0, err
     meta = json.loads((out / "adapter" / "peftkit_adapter.json").read_text())
     assert meta["config"]["oft_block_size"] == 32 and meta["config"]["r"] is None
+
+
+def test_resume_from_a_damaged_checkpoint_is_one_line(llama_dir, lm_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_lm_run(llama_dir, lm_data, out, "--max-steps", "2", "--save-every", "1")) == 0
+    capsys.readouterr()
+    state_file = out / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["rng"]["python"] = "garbage"
+    state_file.write_text(json.dumps(state))
+    rc, _, err = _run(capsys, _lm_run(llama_dir, lm_data, out, "--max-steps", "2", "--save-every", "1", "--resume"))
+    assert rc == 2 and _one_line(err) and "state.json: the saved random-number-generator state is unusable" in err

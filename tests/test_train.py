@@ -275,6 +275,31 @@ def test_keyboard_interrupt_saves_checkpoint_and_resumes(tmp_path):
     assert_same(adapter_tensors(straight), adapter_tensors(resumed))
 
 
+@pytest.mark.parametrize("damage", ["python", "numpy", "torch", "optimizer"])
+def test_damaged_checkpoint_rng_is_a_clear_error(tmp_path, damage):
+    data = lm_examples(16)
+    train(llama_lora(), cfg(tmp_path, max_steps=4, save_every=1), data, collate=collate)
+    ckpt = tmp_path / "run" / "checkpoint"
+    state = json.loads((ckpt / "state.json").read_text())
+    if damage in ("python", "numpy"):
+        state["rng"][damage] = [3, "garbage"] if damage == "python" else ["MT19937", [1, 2], 0]
+        (ckpt / "state.json").write_text(json.dumps(state))
+        match = r"state\.json: the saved random-number-generator state is unusable"
+    elif damage == "torch":
+        trainer = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        trainer["torch_rng"] = torch.zeros(3, dtype=torch.uint8)
+        torch.save(trainer, ckpt / "optimizer.pt")
+        match = "random-number-generator state is unusable"
+    else:
+        (ckpt / "optimizer.pt").write_bytes((ckpt / "optimizer.pt").read_bytes()[:100])
+        match = r"optimizer\.pt: cannot read"
+    model = llama_lora()
+    before = adapter_tensors(model)
+    with pytest.raises(peftkit.AdapterLoadError, match=match):
+        train(model, cfg(tmp_path, max_steps=4, save_every=1, resume=True), data, collate=collate)
+    assert_same(before, adapter_tensors(model))  # refused before the model changed
+
+
 def test_early_stopping_and_best_adapter(tmp_path):
     scores = iter([0.1, 0.5, 0.4, 0.45, 0.3, 0.9, 0.95])
     snapshots = {}
