@@ -5,7 +5,8 @@
 # model's chat template (user: question, assistant: worked answer ending in "#### N").
 # Usage: bash benchmarks/gsm8k_lora.sh [DATA_DIR] [OUTPUT]
 #   STEPS=64 (default): 64 steps × 8 problems = 512 training problems, about 30 s a step on 2 CPU cores.
-#   The base model's figure is kept in OUTPUT/base_eval.txt and reused when present (it does not change).
+#   The base model's figure is kept in OUTPUT/base_eval.txt and reused when present (it does not change);
+#   the training run goes to OUTPUT/run (replaced at each call: --overwrite).
 set -euo pipefail
 DATA=${1:-../shared/data/gsm8k}
 OUT=${2:-out/gsm8k-lora}
@@ -22,7 +23,7 @@ if [ ! -s "$OUT/base_eval.txt" ]; then
 fi
 echo "base model:"; cat "$OUT/base_eval.txt"
 peftkit train --model smollm2-135m --task causal-lm --method lora --r 16 --alpha 32 --target-modules all-linear \
-  --data "$DATA/train.jsonl" --eval-data "$OUT/test200.jsonl" --columns "$COLS" --prompt-format chat --output "$OUT" \
+  --data "$DATA/train.jsonl" --eval-data "$OUT/test200.jsonl" --columns "$COLS" --prompt-format chat --output "$OUT/run" --overwrite \
   --max-steps "$STEPS" --batch-size 8 --lr 1e-3 --warmup 0.05 --schedule cosine --max-length 512 --log-every 10 \
   --exact-match 200 --max-new-tokens 256
 echo "total ${SECONDS} s"

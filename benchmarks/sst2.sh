@@ -7,10 +7,10 @@ KIND=${1:-lora}
 DATA=${2:-../shared/data/sst2}
 OUT=${3:-out/sst2-$KIND}
 case "$KIND" in
-  lora) METHOD=(--method lora --r 16 --alpha 32 --target-modules query,key,value,dense --lr 1e-3) ;;
+  lora) METHOD=(--method lora --r 16 --alpha 32 --target-modules query,key,value,dense --lr 1e-3 --head-lr 1e-3) ;;
   full) METHOD=(--method full --lr 5e-5) ;;
   *) echo "usage: bash benchmarks/sst2.sh lora|full [DATA_DIR] [OUTPUT]" >&2; exit 2 ;;
 esac
 HF_HUB_OFFLINE=1 peftkit train --model minilm-l6 --task classification "${METHOD[@]}" \
-  --data "$DATA/train.tsv" --eval-data "$DATA/validation.tsv" --columns text=sentence --output "$OUT" \
+  --data "$DATA/train.tsv" --eval-data "$DATA/validation.tsv" --columns text=sentence --output "$OUT" --overwrite \
   --max-steps 2000 --batch-size 32 --warmup 0.06 --max-length 66 --eval-every 500 --log-every 100

@@ -10,39 +10,8 @@ import pytest
 
 from peftkit.cli.main import main
 
-from .models import tiny_bert, tiny_llama
-from .tiny_tokenizers import WORDS, bert_tok, llama_tok
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("llama")
-    model, _, _ = tiny_llama()
-    tok = llama_tok()
-    model.config.vocab_size = model.get_input_embeddings().num_embeddings
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bert")
-    model, _, _ = tiny_bert()
-    model.save_pretrained(d)
-    bert_tok().save_pretrained(d)
-    return d
-
-
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture
-def lm_data(tmp_path):
-    rows = [{"prompt": f"what is {a}", "completion": f"{b} {a}"} for a, b in zip(WORDS[:12], WORDS[12:24], strict=True)]
-    return _jsonl(tmp_path / "train.jsonl", rows), _jsonl(tmp_path / "eval.jsonl", rows[:4])
+from .models import tiny_bert
+from .tiny_tokenizers import WORDS
 
 
 def test_train_info_eval_generate_causal_lm(llama_dir, lm_data, tmp_path, capsys):
@@ -88,7 +57,7 @@ def test_train_classification_from_yaml_with_flag_override(bert_dir, tmp_path, c
 
 @pytest.mark.parametrize("flags,expected", [
     (["--method", "lorra"], "did you mean 'lora'"),
-    (["--method", "lora", "--rr", "4"], "did you mean 'r'"),
+    (["--method", "lora", "--rr", "4"], "did you mean --r"),
     (["--method", "lora", "--r", "four"], "--r: 'four' is not a valid int"),
     (["--method", "lora", "--task", "clasification"], "did you mean 'classification'"),
     (["--method", "lora", "--columns", "prompt=questoin"], "questoin"),
@@ -180,8 +149,8 @@ def test_eval_and_generate_an_adapter_written_by_peft(llama_dir, lm_data, tmp_pa
     assert "--model and --task causal-lm" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "hf"), "--model", str(llama_dir), "--task", "causal-lm", "--data", str(evald)]) == 0
     ours = float(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("eval_loss")).split()[1])
-    from peftkit.cli.tasks import examples
     from peftkit.data import load_records
+    from peftkit.tasks import examples
 
     ex, _ = examples("causal-lm", load_records(evald), llama_tok(), 256)
     with torch.no_grad():

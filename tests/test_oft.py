@@ -234,7 +234,6 @@ def test_block_share_uses_one_block():
 
 # -- errors and options ---------------------------------------------------------------------------
 @pytest.mark.parametrize("kw,match", [
-    (dict(), "exactly one of r .* or oft_block_size.*neither"),
     (dict(r=4, oft_block_size=8), "both"),
     (dict(oft_block_size=-2), "oft_block_size must be a positive integer"),
     (dict(r=2.5), "r must be a positive integer"),
@@ -247,6 +246,12 @@ def test_bad_config(kw, match):
     model, _, _ = MODELS["llama"](0)
     with pytest.raises(peftkit.ConfigError, match=match):
         peftkit.attach(model, OFT(target_modules=["q_proj"], **kw))
+
+
+def test_default_block_size_is_peft_default():
+    peft = pytest.importorskip("peft")
+    assert OFT().oft_block_size == peft.OFTConfig().oft_block_size == 32 and OFT().r is None
+    assert OFT(r=4).oft_block_size is None  # r alone: the block size follows from each layer
 
 
 def test_block_size_not_dividing_names_layer_and_valid_sizes():

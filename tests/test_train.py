@@ -275,6 +275,31 @@ def test_keyboard_interrupt_saves_checkpoint_and_resumes(tmp_path):
     assert_same(adapter_tensors(straight), adapter_tensors(resumed))
 
 
+@pytest.mark.parametrize("damage", ["python", "numpy", "torch", "optimizer"])
+def test_damaged_checkpoint_rng_is_a_clear_error(tmp_path, damage):
+    data = lm_examples(16)
+    train(llama_lora(), cfg(tmp_path, max_steps=4, save_every=1), data, collate=collate)
+    ckpt = tmp_path / "run" / "checkpoint"
+    state = json.loads((ckpt / "state.json").read_text())
+    if damage in ("python", "numpy"):
+        state["rng"][damage] = [3, "garbage"] if damage == "python" else ["MT19937", [1, 2], 0]
+        (ckpt / "state.json").write_text(json.dumps(state))
+        match = r"state\.json: the saved random-number-generator state is unusable"
+    elif damage == "torch":
+        trainer = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        trainer["torch_rng"] = torch.zeros(3, dtype=torch.uint8)
+        torch.save(trainer, ckpt / "optimizer.pt")
+        match = "random-number-generator state is unusable"
+    else:
+        (ckpt / "optimizer.pt").write_bytes((ckpt / "optimizer.pt").read_bytes()[:100])
+        match = r"optimizer\.pt: cannot read"
+    model = llama_lora()
+    before = adapter_tensors(model)
+    with pytest.raises(peftkit.AdapterLoadError, match=match):
+        train(model, cfg(tmp_path, max_steps=4, save_every=1, resume=True), data, collate=collate)
+    assert_same(before, adapter_tensors(model))  # refused before the model changed
+
+
 def test_early_stopping_and_best_adapter(tmp_path):
     scores = iter([0.1, 0.5, 0.4, 0.45, 0.3, 0.9, 0.95])
     snapshots = {}
@@ -365,10 +390,54 @@ def test_extra_head_trained_saved_and_reloaded(tmp_path):
         train(model, cfg(tmp_path, "bad"), data, collate=collate, trainable_extra=["classifer"])
 
 
-def test_progress_bar(tmp_path, capsys):
+def test_head_lr_is_the_lr_of_the_extra_modules(tmp_path):
+    """Adam's first step moves every parameter by its group's lr (m/√v = ±1): the head by head_lr, the adapter
+    by lr."""
+    model, _, _ = tiny_bert(0)
+    peftkit.attach(model, peftkit.LoRA(r=4, alpha=8, target_modules=["query", "value"]))
+    with torch.no_grad():  # every LoRA parameter gets a gradient from step 1
+        for name, p in peftkit.adapter_parameters(model).items():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.02)
+    head0, ad0 = model.classifier.weight.detach().clone(), adapter_tensors(model)
+    train(model, cfg(tmp_path, max_steps=1, lr=1e-4, head_lr=1e-2, max_grad_norm=None), cls_examples(),
+          collate=collate, trainable_extra=["classifier"])
+    head_step = (model.classifier.weight.detach() - head0).abs()
+    assert head_step.max() == pytest.approx(1e-2, rel=1e-2) and head_step.min() > 0.5e-2
+    ad_step = max(float((v - ad0[k]).abs().max()) for k, v in adapter_tensors(model).items())
+    assert ad_step == pytest.approx(1e-4, rel=1e-2)
+
+
+def test_eval_each_epoch_and_early_stopping_said_on_stdout(tmp_path, capsys):
+    model, _, _ = tiny_bert(0)
+    peftkit.attach(model, peftkit.LoRA(r=4, alpha=8, target_modules=["query", "value"]))
+    data = cls_examples(12)  # batch 4: 3 steps per epoch
+    train(model, cfg(tmp_path, max_steps=None, epochs=2, eval_each_epoch=True), data, data[:4], collate=collate,
+          trainable_extra=["classifier"])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+    capsys.readouterr()
+    train(llama_lora(), cfg(tmp_path, "stop", lr=0.0, max_steps=20, eval_every=1, early_stopping_patience=3),
+          lm_examples(), lm_examples(4, seed=9), collate=collate)
+    out = capsys.readouterr().out
+    assert "early stopping at step 4/20: eval_loss has not improved" in out and "(step 1) for 3 evaluations" in out
+
+
+def test_progress_bar(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
     train(llama_lora(), cfg(tmp_path, max_steps=2, progress=True), lm_examples(), collate=collate)
     err = capsys.readouterr().err
     assert "train" in err and "loss" in err and "tok_s" in err
+    monkeypatch.undo()
+
+
+def test_plain_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    """Under nohup, CI or a log file (stderr not a terminal) a plain line every log_every steps: step, loss,
+    tokens/s and ETA."""
+    train(llama_lora(), cfg(tmp_path, max_steps=4, log_every=2, progress=None), lm_examples(), collate=collate)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split()[1] for line in lines] == ["2/4", "4/4"], lines
+    assert all("loss" in line and "tok/s" in line and "ETA" in line for line in lines)
     train(llama_lora(), cfg(tmp_path, "quiet", max_steps=2), lm_examples(), collate=collate)
     assert capsys.readouterr().err == ""
 

@@ -5,22 +5,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import tasks
 from ..core.errors import ConfigError
 from ..data import check_prompt_format
-from . import tasks
+from .flags import TRAIN_KEYS, canonical_key, coerce
 from .options import build_config, parse_method_flags
-
-TRAIN_KEYS = {"model", "task", "method", "data", "eval_data", "output", "columns", "epochs", "max_steps", "batch_size",
-              "grad_accum", "lr", "warmup", "seed", "max_length", "eval_every", "save_every", "early_stopping_patience",
-              "weight_decay", "max_grad_norm", "loraplus_ratio", "log_every", "schedule", "metric",
-              "gradient_checkpointing", "resume", "exact_match", "prompt_format", "max_new_tokens", "fsdp"}
 
 
 def _columns(spec: Any) -> dict[str, str] | None:
@@ -37,24 +32,40 @@ def _columns(spec: Any) -> dict[str, str] | None:
     return out
 
 
+def read_yaml_config(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; a syntax error is one line ``file:line:col: problem``."""
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {e.problem or e.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value (such as 'lr: 1e-3'), found a "
+                          f"{type(loaded).__name__}")
+    return loaded
+
+
 def train_settings(args: argparse.Namespace, extra: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(settings, method options)`` from the YAML file (if any) overridden by the flags."""
+    """``(settings, method options)`` from the YAML file (if any) overridden by the flags;
+    the task's defaults (:data:`peftkit.tasks.TASK_DEFAULTS`) fill what neither gives."""
     settings: dict[str, Any] = {}
     method_opts: dict[str, Any] = {}
     config_file = extra.pop(0) if extra and not extra[0].startswith("-") else None
     if config_file:
         path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        import yaml
-
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of option: value")
-        for k, v in loaded.items():
-            key = str(k).replace("-", "_")
+        for k, v in read_yaml_config(path).items():
+            key = canonical_key(k)
             if key in TRAIN_KEYS:
-                settings[key] = v
+                settings[key] = coerce(key, v, str(path))
             elif key in ("method_options", "options") and isinstance(v, dict):
                 method_opts.update({str(a).replace("-", "_"): b for a, b in v.items()})
             else:
@@ -68,7 +79,48 @@ def train_settings(args: argparse.Namespace, extra: list[str]) -> tuple[dict[str
         if not settings.get(required):
             raise ConfigError(f"--{required.replace('_', '-')} is required (as a flag or in the config file)")
     tasks.check_task(settings["task"])
-    return settings, method_opts
+    given = set(settings)
+    if "epochs" in given and "max_steps" in given:
+        raise ConfigError(f"--epochs {settings['epochs']} and --max-steps {settings['max_steps']} contradict each other: "
+                          "--max-steps sets the length of the run; give only one of them")
+    if "lr" in given and not (isinstance(settings["lr"], (int, float)) and settings["lr"] > 0):
+        raise ConfigError(f"--lr {settings['lr']:g}: the learning rate must be > 0 (with 0 the adapter never changes)")
+    defaults = tasks.task_defaults(settings["task"])
+    if settings["method"] == "full":  # every weight trains at one lr, TrainConfig's (the adapter lr is far too high)
+        defaults.pop("head_lr", None)
+        defaults.pop("lr", None)
+    if "max_steps" in given:
+        defaults.pop("epochs", None)
+    if "eval_every" in given:
+        defaults.pop("eval_each_epoch", None)
+    return {**defaults, **settings}, method_opts
+
+
+def check_output(out: Path, overwrite: bool, resume: bool) -> None:
+    """Before any loading: ``out`` must be a writable directory (or creatable), and empty unless ``--overwrite``
+    (cleared later) or ``--resume``."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output {out} is a file, not a directory")
+    if overwrite and resume:
+        raise ConfigError("--overwrite clears the output folder and --resume continues from it: give one of them")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output {out}: {probe} is not writable")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
+        raise ConfigError(f"--output {out} is not empty (a previous run?): pass --overwrite to clear it, --resume to "
+                          "continue its checkpoint, or choose another folder")
+
+
+def _clear(out: Path) -> None:
+    import shutil
+
+    for p in out.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -77,13 +129,17 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     from ..data import load_records
     from ..train import TrainConfig
     from ..train import train as run_training
-    from ..train.report import write_metrics_json
+    from ..train.report import rewrite_report, write_metrics_json
 
     s, method_opts = train_settings(args, extra)
     full = s["method"] == "full"  # full fine-tuning, for comparison: every parameter trains, no adapter
     if full and method_opts:
         raise ConfigError(f"--method full takes no method options (got --{next(iter(method_opts)).replace('_', '-')})")
     config = None if full else build_config(s["method"], method_opts)  # validated before anything heavy
+    out = Path(s["output"])
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:
+        check_output(out, bool(s.get("overwrite")), bool(s.get("resume")))
     cols = _columns(s.get("columns"))
     records = load_records(s["data"], cols)
     eval_records = load_records(s["eval_data"], cols) if s.get("eval_data") else None
@@ -100,7 +156,13 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     tok = tasks.load_tokenizer(s["model"])
     fmt = check_prompt_format(fmt, tok) if task == "causal-lm" else None
     ex, labels = tasks.examples(task, records, tok, max_length, prompt_format=fmt)
+    if not ex:
+        raise ConfigError(f"{s['data']}: no usable training rows")
     eval_ex = tasks.examples(task, eval_records, tok, max_length, labels, fmt)[0] if eval_records else None
+    if eval_records is not None and not eval_ex:
+        raise ConfigError(f"{s['eval_data']}: no usable eval rows (every row was empty or filtered out)")
+    if main_rank and s.get("overwrite") and out.is_dir():
+        _clear(out)
     model, tok = tasks.load_model(s["model"], task, num_labels=len(labels) if labels else None, seed=tc.seed, tok=tok)
     if labels:
         model.config.id2label = dict(enumerate(labels))
@@ -111,17 +173,15 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
         extra_modules = [tasks.head_name(model)] if task == "classification" else []
     else:
         extra_modules = [""]
-    if task == "classification":
-        evaluate = tasks.classification_metrics
-        if tc.metric == "eval_loss" and "metric" not in s:
-            tc.metric = "eval_accuracy"
-    else:
-        evaluate = None
+    evaluate = tasks.classification_metrics if task == "classification" else None
+    if task == "classification" and eval_ex is None and main_rank:
+        print("note: no --eval-data: the adapter of the last step is kept (with --eval-data, the eval set is scored "
+              "after each epoch and the best adapter kept)")
     metrics = run_training(model, tc, ex, eval_ex, evaluate=evaluate, trainable_extra=extra_modules,
                            pad_id=tok.pad_token_id or 0)
-    out = Path(tc.output)
-    main_rank = int(os.environ.get("RANK", "0")) == 0
     sharded = tc.fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if metrics.get("interrupted"):
+        return 130  # the loop saved the checkpoint and said so; a script's `&&` must stop here
     if task == "causal-lm" and s.get("exact_match") and eval_records and (main_rank or sharded):
         # under FSDP every rank generates (a sharded forward needs all of them); otherwise rank 0 alone
         n = int(s["exact_match"])
@@ -129,6 +189,7 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
                                                         prompt_format=fmt)
         if main_rank:
             write_metrics_json(out / "metrics.json", metrics)
+            rewrite_report(out, metrics, tc)
     if not main_rank:  # under torchrun, rank 0 writes the outputs
         return 0
     info = {"task": task, "model": s["model"], "method": config.method if config else "full", "labels": labels,
@@ -138,22 +199,6 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     print("\n".join(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in shown.items()))
     print(f"adapter: {out / 'adapter'}   report: {out / 'report.md'}   curves: {out / 'curves.png'}")
     return 0
-
-
-def _load_adapted(adapter: Path | None, info: dict[str, Any], model_name: str | None = None, tok: Any = None):
-    """The base model (``model_name`` or the one recorded in ``info``) with the adapter of ``adapter`` loaded."""
-    from ..io import load
-    from ..train import load_extra
-
-    task = info["task"]
-    labels = info.get("labels")
-    model, tok = tasks.load_model(model_name or info["model"], task, num_labels=len(labels) if labels else None,
-                                  tok=tok)
-    if adapter is not None and info.get("method") != "full":
-        load(model, adapter)
-    if adapter is not None and (adapter / "extra.safetensors").is_file():
-        load_extra(model, adapter)
-    return model.eval(), tok
 
 
 def evaluate(args: argparse.Namespace, extra: list[str]) -> int:
@@ -185,7 +230,9 @@ def evaluate(args: argparse.Namespace, extra: list[str]) -> int:
         fmt = check_prompt_format(fmt, tok)
     max_length = args.max_length or info.get("max_length") or 256
     ex, _ = tasks.examples(info["task"], records, tok, max_length, info.get("labels"), fmt)  # checked before loading
-    model, tok = _load_adapted(adapter, info, args.model, tok)
+    if not ex:
+        raise ConfigError(f"{args.data}: no usable eval rows (every row was empty or filtered out)")
+    model, tok = tasks.load_adapted(adapter, info, args.model, tok)
     bl = batches(ex, args.batch_size, tok.pad_token_id or 0, shuffle=False, seed=0, bucket=False)
     with torch.no_grad():
         raw = tasks.classification_metrics(model, bl) if info["task"] == "classification" else default_evaluate(model, bl)
@@ -201,6 +248,7 @@ def evaluate(args: argparse.Namespace, extra: list[str]) -> int:
 def generate(args: argparse.Namespace, extra: list[str]) -> int:
     import sys
 
+    from ..io import load
     from ..core.api import activate
     from ..data import prompt_ids
     from ..io import load
@@ -210,6 +258,10 @@ def generate(args: argparse.Namespace, extra: list[str]) -> int:
         if not d.is_dir():
             raise ConfigError(f"adapter directory {d} does not exist")
     infos = [tasks.read_task(d) for d in dirs if (d / tasks.TASK_FILE).is_file()]
+    for d, i in zip([d for d in dirs if (d / tasks.TASK_FILE).is_file()], infos, strict=True):
+        if i["task"] != "causal-lm":
+            raise ConfigError(f"{d} is a {i['task']} adapter: it scores labels and cannot generate text "
+                              f"(use `peftkit eval {d} --data FILE`)")
     model_name = args.model or (infos[0]["model"] if infos else None)
     if not model_name:
         raise ConfigError("--model is required when no adapter records its base model")
@@ -237,55 +289,56 @@ def generate(args: argparse.Namespace, extra: list[str]) -> int:
 
 def info(args: argparse.Namespace, extra: list[str]) -> int:
     from ..core.summary import format_table
+    from .info import adapter_root, describe, describe_full
 
-    d = Path(args.adapter)
-    if not d.is_dir():
-        raise ConfigError(f"adapter directory {d} does not exist")
+    d = adapter_root(Path(args.adapter))
     rows = []
     for sub in [d, *sorted(p for p in d.iterdir() if p.is_dir())]:
-        meta = _describe(sub)
+        meta = describe(sub)
         if meta:
             rows.append(meta)
+    task = tasks.read_task(d) if (d / tasks.TASK_FILE).is_file() else None
+    if not rows and (full := describe_full(d)) is not None:
+        rows.append(full)
     if not rows:
-        raise ConfigError(f"{d} holds no adapter (no peftkit_adapter.json or adapter_config.json)")
+        raise ConfigError(f"{d} holds no adapter (no peftkit_adapter.json, adapter_config.json or extra.safetensors)")
     print(format_table(["path", "format", "method", "modules", "tensors", "parameters", "options"], rows))
-    task = d / tasks.TASK_FILE
-    if task.is_file():
-        t = json.loads(task.read_text())
-        print(f"task: {t.get('task')}  base model: {t.get('model')}" + (f"  labels: {t['labels']}" if t.get("labels") else ""))
+    if task is not None:
+        labels = f"  labels: {task['labels']}" if task.get("labels") else ""
+        print(f"task: {task['task']}  base model: {task['model']}{labels}")
     return 0
 
 
-def _describe(d: Path) -> list[str] | None:
-    from ..core.files import read_json, read_safetensors
+def export(args: argparse.Namespace, extra: list[str]) -> int:
+    """Write the adapter of a ``peftkit train`` output in another format: load it onto its recorded base model, then
+    :func:`peftkit.save` with ``format``."""
+    from ..io import save
+    from .info import adapter_root, describe
 
-    if (d / "peftkit_adapter.json").is_file():
-        meta = read_json(d / "peftkit_adapter.json")
-        cfg = {k: v for k, v in meta.get("config", {}).items() if k not in ("method", "target_modules", "exclude_modules")}
-        n = sum(_numel(t["shape"]) for t in meta.get("tensors", {}).values())
-        return [str(d), "peftkit", meta.get("method", "?"), str(len(meta.get("targets", []))), str(len(meta.get("tensors", {}))),
-                f"{n:,}", _short(cfg)]
-    if (d / "adapter_config.json").is_file():
-        cfg = read_json(d / "adapter_config.json")
-        tensors = read_safetensors(d / "adapter_model.safetensors") if (d / "adapter_model.safetensors").is_file() else {}
-        n = sum(t.numel() for t in tensors.values())
-        mods = {k.rsplit(".", 2)[0] for k in tensors}
-        shown = ("r", "lora_alpha", "use_dora", "use_rslora", "num_virtual_tokens", "oft_block_size")
-        keep = {k: cfg[k] for k in shown if k in cfg}
-        return [str(d), "hf peft", str(cfg.get("peft_type")), str(len(mods)), str(len(tensors)), f"{n:,}", _short(keep)]
-    return None
+    if args.format not in ("hf", "peftkit"):
+        from ..core.errors import did_you_mean
 
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _short(d: dict[str, Any]) -> str:
-    text = ", ".join(f"{k}={v}" for k, v in d.items() if v not in (None, {}, [], False))
-    return text if len(text) <= 70 else text[:67] + "..."
+        raise ConfigError(f"--format {args.format!r}{did_you_mean(args.format, ['hf', 'peftkit'])}: use hf or peftkit")
+    d = adapter_root(Path(args.adapter))
+    out = Path(args.out)
+    if out.resolve() == d.resolve():
+        raise ConfigError(f"{out}: the output must be another directory than the adapter's")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} exists and is not an empty directory")
+    info = tasks.read_task(d) if (d / tasks.TASK_FILE).is_file() else None
+    if info is None:
+        if not args.model:
+            raise ConfigError(f"{d}: no {tasks.TASK_FILE}: pass --model (the base model the adapter was trained on)")
+        info = {"task": "causal-lm", "model": args.model}
+    if info.get("method") == "full" or describe(d) is None:
+        raise ConfigError(f"{d} holds no adapter to export (a --method full output is a whole model)")
+    model, _ = tasks.load_adapted(d, info, args.model)
+    save(model, out, format=args.format)
+    print(f"{args.format} adapter written to {out}")
+    if (d / "extra.safetensors").is_file():
+        print(f"note: {d / 'extra.safetensors'} (the trained classification head) is not part of the {args.format} "
+              "adapter; copy it along or load it with peftkit.train.load_extra")
+    return 0
 
 
 def demo(args: argparse.Namespace, extra: list[str]) -> int:

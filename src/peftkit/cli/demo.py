@@ -31,8 +31,8 @@ def run_demo(output: Path, steps: int = 100, model_name: str = "smollm2-135m", h
     from ..core.api import attach
     from ..core.summary import summary
     from ..methods.lora import LoRA
+    from .. import tasks
     from ..train import TrainConfig, train
-    from . import tasks
 
     t_start = time.time()
     train_rows = reversal_rows(steps * 8, seed=0)

@@ -5,11 +5,13 @@
     peftkit eval --model smollm2-135m --task causal-lm --data test.jsonl --exact-match 200   # the base model
     peftkit generate --adapter out/adapter --prompt "Reverse: red cat"
     peftkit info out/adapter
+    peftkit export out/adapter --format hf out/adapter-hf
     peftkit demo
     peftkit serve --model smollm2-135m --adapters out/a out/b --max-adapters 8 --port 8000
 
 Bad input (an unknown method, option, column or file) prints one line naming it, with the
-closest valid choice, and exits with code 2 before anything is written.
+closest valid choice, and exits with code 2 before anything is written. Ctrl-C during training
+saves a checkpoint and exits with 130.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .. import __version__
 from ..core.errors import PeftkitError
+from .flags import TRAIN_ALIASES, TRAIN_HELP, TRAIN_NUMBERS, normalize_train_argv
 
 PROMPT_FORMAT_HELP = ("causal-lm: plain (prompt then completion as written), chat (a user/assistant turn in the "
                       "model's chat template) or a template holding {prompt}, e.g. 'Question: {prompt}\nAnswer: '")
@@ -30,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     # no abbreviations: `--r` is LoRA's rank, not a prefix of `--resume`
     ap = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning from the command line.",
                                  allow_abbrev=False)
+    ap.add_argument("--version", action="version", version=f"peftkit {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", allow_abbrev=False, usage="peftkit train [config.yaml] [flags] [method options]",
@@ -45,15 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-data")
     t.add_argument("--output")
     t.add_argument("--columns", help="rename columns: text=sentence,label=label")
-    for name, typ in (("epochs", int), ("max-steps", int), ("batch-size", int), ("grad-accum", int), ("lr", float),
-                      ("warmup", float), ("seed", int), ("max-length", int), ("eval-every", int), ("save-every", int),
-                      ("early-stopping-patience", int), ("weight-decay", float), ("max-grad-norm", float),
-                      ("loraplus-ratio", float), ("log-every", int)):
-        t.add_argument(f"--{name}", type=typ)
+    for name, typ in TRAIN_NUMBERS.items():
+        if name in ("exact_match", "max_new_tokens"):  # added below with the causal-lm options
+            continue
+        flag = name.replace("_", "-")
+        t.add_argument(f"--{flag}", *[f"--{a.replace('_', '-')}" for a, n in TRAIN_ALIASES.items() if n == name], type=typ,
+                       help=TRAIN_HELP.get(name))
     t.add_argument("--schedule", help="linear | cosine | constant")
     t.add_argument("--metric", help="the eval metric for the best adapter and early stopping")
     t.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    t.add_argument("--resume", action="store_true", default=None)
+    t.add_argument("--resume", action="store_true", default=None, help="continue from OUTPUT/checkpoint")
+    t.add_argument("--overwrite", action="store_true", default=None,
+                   help="clear a non-empty --output folder first (refused otherwise, unless --resume)")
     t.add_argument("--fsdp", action="store_true", default=None,
                    help="under torchrun: shard the model with FSDP2 instead of replicating it (DDP)")
     t.add_argument("--exact-match", type=int, default=None, metavar="N",
@@ -87,9 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.set_defaults(func=commands.generate)
 
-    i = sub.add_parser("info", allow_abbrev=False, help="what an adapter directory holds")
-    i.add_argument("adapter")
+    i = sub.add_parser("info", allow_abbrev=False, help="what an adapter directory holds (its files are checked)")
+    i.add_argument("adapter", help="an adapter directory, or a file in one")
     i.set_defaults(func=commands.info)
+
+    x = sub.add_parser("export", allow_abbrev=False, help="write an adapter in another format (hf: peft's directory format)")
+    x.add_argument("adapter", help="adapter directory written by `peftkit train` (its base model is recorded there)")
+    x.add_argument("--format", default="hf", help="hf (adapter_config.json + adapter_model.safetensors; the default) "
+                                                   "or peftkit")
+    x.add_argument("--model", help="base model (default: the one recorded with the adapter)")
+    x.add_argument("out", help="the output directory")
+    x.set_defaults(func=commands.export)
 
     d = sub.add_parser("demo", allow_abbrev=False, help="train a LoRA on SmolLM2-135M for a task it cannot do; before/after")
     d.add_argument("--output", default="out/demo")
@@ -114,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `torchrun ... -m peftkit.cli.main -- train ...` may pass the separator on
         argv = argv[1:]
+    if argv[:1] == ["train"]:
+        argv = ["train", *normalize_train_argv(argv[1:])]
     args, extra = ap.parse_known_args(argv)
     if extra and args.command != "train":
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -125,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

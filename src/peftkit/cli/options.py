@@ -3,8 +3,9 @@
 ``peftkit train --method lora --r 16 --alpha 32 --target-modules q_proj,v_proj`` — every flag
 that is not a training flag is a method option: ``--target-modules`` becomes ``target_modules``
 and the value is converted by the type of the option's default (int, float, bool, a comma list
-for list options, JSON for dicts). An option the method does not have is an error naming the
-closest one.
+for list options, JSON for dicts). Options from peft keep their peft names too (``--lora-alpha``,
+``--lora-dropout``, ``--rank``). An option the method does not have is an error naming the closest
+training flag or option.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import json
 from typing import Any
 
 from ..core.config import AdapterConfig
-from ..core.errors import ConfigError, did_you_mean
+from ..core.errors import ConfigError
 from ..core.registry import get_method
+from .flags import METHOD_ALIASES, unknown_option
 
 # options whose value is a list even though their default is None
 LIST_OPTIONS = {"target_modules", "exclude_modules", "feedforward_modules", "init_token_ids"}
@@ -47,16 +49,32 @@ def parse_method_flags(flags: list[str]) -> dict[str, str]:
     return out
 
 
-def convert(cls: type[AdapterConfig], name: str, raw: Any) -> Any:
-    """The value of option ``name`` of ``cls`` from a string (or pass a YAML value through)."""
+def option_name(cls: type[AdapterConfig], name: str) -> str:
+    """``name`` as an option of ``cls``: aliases from peft resolved (``lora_alpha`` → ``alpha``, ``rank`` → ``r``);
+    an unknown name raises, suggesting from the training flags and the method's options together."""
     fields = method_fields(cls)
+    name = name.replace("-", "_")
+    if name not in fields and METHOD_ALIASES.get(name) in fields:
+        name = METHOD_ALIASES[name]
     if name not in fields:
-        options = [n.replace("_", "-") for n in fields]
-        raise ConfigError(f"method {cls.method!r} has no option --{name.replace('_', '-')}"
-                          f"{did_you_mean(name.replace('_', '-'), options)}; options: {', '.join(options)}")
+        raise unknown_option(name, cls.method, list(fields))
+    return name
+
+
+def convert(cls: type[AdapterConfig], name: str, raw: Any) -> Any:
+    """The value of option ``name`` of ``cls`` from a string (or pass a YAML value through, numbers written as
+    strings parsed). Negative numbers are refused: no method option takes one."""
+    value = _convert(cls, name, raw)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        raise ConfigError(f"--{name.replace('_', '-')}: {raw!r} is negative; method options take values >= 0")
+    return value
+
+
+def _convert(cls: type[AdapterConfig], name: str, raw: Any) -> Any:
+    fields = method_fields(cls)
+    f = fields[name]
     if not isinstance(raw, str):
         return raw
-    f = fields[name]
     default = f.default if f.default is not dataclasses.MISSING else (
         f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
     try:
@@ -92,7 +110,12 @@ def convert(cls: type[AdapterConfig], name: str, raw: Any) -> Any:
 
 def build_config(method: str, options: dict[str, Any]) -> AdapterConfig:
     cls = get_method(method)
-    values = {k: convert(cls, k, v) for k, v in options.items()}
+    values: dict[str, Any] = {}
+    for k, v in options.items():
+        name = option_name(cls, k)
+        if name in values:
+            raise ConfigError(f"--{name.replace('_', '-')} is given twice (as --{k.replace('_', '-')} too)")
+        values[name] = convert(cls, name, v)
     config = cls(**values)
     config.validate()
     return config

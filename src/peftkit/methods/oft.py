@@ -20,7 +20,8 @@ peft 0.21.2 (whose files peftkit reads and writes):
   ``Q``; both are reproduced as peft computes them so that peft files give the same outputs.)
 
 Options: give exactly one of ``r`` (blocks per layer) or ``oft_block_size`` (``b``); the other
-follows from ``d``. ``block_share`` trains one block used ``n`` times. ``coft`` (constrained OFT)
+follows from ``d``. Neither given means ``oft_block_size=32`` (peft 0.21.2's default).
+``block_share`` trains one block used ``n`` times. ``coft`` (constrained OFT)
 projects, before each use, every ``Q_i`` onto the Frobenius ball of radius ``eps / √n_stored``
 (in place, as peft does), which keeps ``R`` close to ``I``. The trainable parameter ``oft_R`` has
 peft's shape ``(n or 1, b(b−1)/2)`` (the row-major upper triangle of each block); ``Q = 0`` at
@@ -59,6 +60,9 @@ def _given(v: Any) -> bool:
     return v is not None and v != 0
 
 
+DEFAULT_BLOCK_SIZE = 32  # peft 0.21.2: OFTConfig(r=0, oft_block_size=32)
+
+
 @register
 @dataclass
 class OFT(AdapterConfig):
@@ -86,6 +90,10 @@ class OFT(AdapterConfig):
     eps: float = 6e-5
     module_dropout: float = 0.0
     adjust_to_layer: bool = False
+
+    def __post_init__(self) -> None:
+        if not _given(self.r) and not _given(self.oft_block_size):  # peft's default: blocks of 32
+            self.oft_block_size = DEFAULT_BLOCK_SIZE
 
     def validate(self) -> None:
         owner = type(self).__name__

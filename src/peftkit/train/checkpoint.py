@@ -166,22 +166,49 @@ def load(directory: Path, model: nn.Module, extra: dict[str, nn.Parameter], opti
     """Restore model tensors, optimizer and scheduler from ``directory``; returns ``state.json`` with ``"rng"``
     set to the RNG states of process ``rank`` (not yet applied)."""
     state = read_json(directory / "state.json")
-    restore_trained(model, extra, read_safetensors(directory / "trained.safetensors"), str(directory))
-    try:
-        trainer = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise AdapterLoadError(f"{directory / 'optimizer.pt'}: cannot read ({e})") from None
-    optimizer.load_state_dict(trainer["optimizer"])
-    scheduler.load_state_dict(trainer["scheduler"])
+    trainer = _torch_load(directory / "optimizer.pt")
+    if not isinstance(trainer, dict) or not {"optimizer", "scheduler", "torch_rng"} <= set(trainer):
+        raise AdapterLoadError(f"{directory / 'optimizer.pt'}: not a peftkit checkpoint (expected optimizer, scheduler "
+                               "and torch_rng entries)")
+    if not isinstance(state.get("rng"), dict):
+        raise AdapterLoadError(f"{directory / 'state.json'}: no 'rng' entry (python and numpy RNG states)")
     state["rng"]["torch"] = trainer["torch_rng"]
     if "cuda_rng" in trainer:
         state["rng"]["cuda"] = trainer["cuda_rng"]
+    source = directory / "state.json"
     if (directory / RANK_RNG_FILE).is_file():
-        per_rank = torch.load(directory / RANK_RNG_FILE, map_location="cpu", weights_only=True)
-        if rank >= len(per_rank):
-            raise AdapterLoadError(f"{directory / RANK_RNG_FILE}: holds {len(per_rank)} ranks, this is rank {rank}")
+        source = directory / RANK_RNG_FILE
+        per_rank = _torch_load(source)
+        if not isinstance(per_rank, list) or rank >= len(per_rank):
+            n = len(per_rank) if isinstance(per_rank, list) else 0
+            raise AdapterLoadError(f"{source}: holds {n} ranks, this is rank {rank}")
         state["rng"] = per_rank[rank]
+    check_rng(state["rng"], source)  # before anything in the model or optimizer changes
+    restore_trained(model, extra, read_safetensors(directory / "trained.safetensors"), str(directory))
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
     return state
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: torch raises many kinds
+        raise AdapterLoadError(f"{path}: cannot read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def check_rng(state: Any, source: Path) -> None:
+    """Raise :class:`AdapterLoadError` naming ``source`` unless ``state`` (as :func:`capture_rng`) can be restored;
+    checked on fresh generators, so the global RNG states are untouched."""
+    try:
+        random.Random().setstate(_to_tuples(state["python"]))
+        name, keys, *rest = state["numpy"]
+        np.random.RandomState().set_state((name, np.array(keys, dtype=np.uint32), *rest))
+        torch.Generator().set_state(state["torch"])
+    except Exception as e:  # TypeError, ValueError, KeyError, RuntimeError from the three libraries
+        raise AdapterLoadError(f"{source}: the saved random-number-generator state is unusable ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else 'bad value'}); the checkpoint is damaged — "
+                               "train again without --resume") from None
 
 
 def _plain(x: Any) -> Any:

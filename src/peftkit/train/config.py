@@ -19,7 +19,12 @@ class TrainConfig:
     examples. ``warmup`` below 1 is a fraction of the total optimizer steps, otherwise a step count.
     ``metric`` is the eval metric for early stopping and for picking the best adapter: lower is
     better when its name contains ``loss`` (or ``perplexity``), higher otherwise.
-    ``progress``: ``None`` shows a progress bar only when stderr is a terminal.
+    ``max_steps``, when given, sets the length of the run and ``epochs`` is not used.
+    ``head_lr``: the learning rate of the ``trainable_extra`` modules (a classification head, which
+    starts from random values and wants a higher lr than the adapter); ``None`` means ``lr``.
+    ``eval_each_epoch``: evaluate at the end of every epoch (besides every ``eval_every`` steps).
+    ``progress``: ``None`` shows a progress bar when stderr is a terminal and a plain line every
+    ``log_every`` steps otherwise (a log file, CI); ``False`` is silent.
     ``fsdp``: under ``torchrun``, shard the model with FSDP2 (every transformer block, then the root)
     instead of replicating it with DDP — for models that do not fit one device. Checkpoints
     (``save_every``, ``resume``) are not available with it yet; the final adapter is saved.
@@ -37,11 +42,13 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     eval_every: int | None = None
+    eval_each_epoch: bool = False
     save_every: int | None = None
     early_stopping_patience: int | None = None
     metric: str = "eval_loss"
     gradient_checkpointing: bool = False
     loraplus_ratio: float | None = None
+    head_lr: float | None = None
     log_every: int = 10
     resume: bool = False
     progress: bool | None = None
@@ -65,6 +72,9 @@ class TrainConfig:
             _positive("max_grad_norm", self.max_grad_norm)
         if self.loraplus_ratio is not None:
             _positive("loraplus_ratio", self.loraplus_ratio)
+        if self.head_lr is not None:
+            _positive("head_lr", self.head_lr)
+
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule: unknown value {self.schedule!r}{did_you_mean(self.schedule, SCHEDULES)}; "
                               f"choose one of {', '.join(SCHEDULES)}")

@@ -70,90 +70,184 @@ def train(model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], 
     Under ``torchrun`` only rank 0 writes. Ctrl-C saves a checkpoint and returns with ``interrupted=True``.
     """
     config.validate()
-    info = distributed.setup(model)
-    output = Path(config.output)
-    extra = _unfreeze_extra(model, trainable_extra)
-    if not any(p.requires_grad for p in adapter_parameters(model).values()) and not extra:
-        raise ConfigError("nothing to train: the model has no trainable adapter parameters (attach an adapter first)")
-    if config.gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
-    sharded = config.fsdp and info.enabled
-    if sharded:  # FSDP2 replaces every parameter by a sharded one: look them up again afterwards
-        distributed.fully_shard_model(model)
-        named = dict(model.named_parameters())
-        extra = {k: named[k] for k in extra}
-    params = [p for p in adapter_parameters(model).values() if p.requires_grad] + list(extra.values())
-    if collate is None:
-        collate = _default_collate(pad_id)
-    device = next(model.parameters()).device
-    global_batch = config.batch_size * info.world_size
-    n_batches = len(collate(train_examples, global_batch, True, config.seed))
-    if n_batches == 0:
-        raise ConfigError("no training batches: the training data is empty")
-    steps_per_epoch = math.ceil(n_batches / config.grad_accum)
-    total = config.max_steps or config.epochs * steps_per_epoch
-    optimizer = _optimizer(model, config, params, list(extra.values()))
-    scheduler = make_scheduler(optimizer, config.schedule, config.warmup, total)
-
-    s: dict[str, Any] = {"step": 0, "epoch": 0, "pos": 0, "history": [], "best": None, "best_step": None,
-                         "bad_evals": 0, "train_seconds": 0.0, "tokens": 0, "stopped_early": False,
-                         "window": [0.0, 0, 0]}  # train loss sum, steps and tokens since the last log line
-    best_tensors: dict[str, torch.Tensor] | None = None
-    ckpt = checkpoint.find(output) if config.resume else None
-    if config.resume and ckpt is None and info.is_main:
-        warnings.warn(f"resume: no checkpoint in {output}; starting from scratch", stacklevel=2)
-    if ckpt is not None:
-        _check_resumable(ckpt, config, info)
-        loaded = checkpoint.load(ckpt, model, extra, optimizer, scheduler, rank=info.rank)
-        rng = loaded.pop("rng")
-        s.update({k: v for k, v in loaded.items() if k in s})
-        if (ckpt / "best.safetensors").is_file():
-            best_tensors = checkpoint.read_safetensors(ckpt / "best.safetensors")
-        checkpoint.restore_rng(rng)
-    else:
-        random.seed(config.seed)
-        np.random.seed(config.seed % 2**32)
-        torch.manual_seed(config.seed)
-    if info.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        report.rewrite_jsonl(output / "metrics.jsonl", s["history"])
-
-    eval_batches = collate(eval_examples, config.batch_size, False, config.seed) if eval_examples else None
-    net = model if sharded else distributed.wrap(model, info)
-    was_training = model.training
-    model.train()
-    show = config.progress if config.progress is not None else sys.stderr.isatty()
-    bar = report.Progress(total, s["step"], show and info.is_main, config.log_every)
-    resume_point = {"epoch": s["epoch"], "pos": s["pos"], "rng": checkpoint.capture_rng()}
-    epoch_batches: tuple[int, list[Batch]] | None = None
-    window_start = time.monotonic()
-    evals = [r["step"] for r in s["history"] if any(k.startswith("eval_") for k in r)]
-    last_eval_step = evals[-1] if evals else None
-    start = time.monotonic()
+    run = _Run(model, config, train_examples, collate or _default_collate(pad_id), evaluate, trainable_extra)
+    run.restore_or_seed()
+    run.prepare(eval_examples)
     interrupted = False
+    try:
+        while run.s["step"] < run.total and not run.s["stopped_early"]:
+            logs = run.optimizer_step()
+            run.after_step(logs)
+            if callback is not None:
+                callback(run.s["step"], logs)
+    except KeyboardInterrupt:
+        interrupted = True
+        run.on_interrupt()
+    finally:
+        run.bar.close()
+    return run.finish(interrupted)
 
-    def save_checkpoint() -> None:
-        state = {k: v for k, v in s.items()}
-        state.update(epoch=resume_point["epoch"], pos=resume_point["pos"], config=config.to_dict(),
-                     world_size=info.world_size)
-        if sharded:  # refused by TrainConfig.validate, except on Ctrl-C
-            if info.is_main:
-                print("fsdp: no checkpoint is written under FSDP", file=sys.stderr)
-            return
-        rank_rngs = distributed.gather(resume_point["rng"], info) if info.enabled else None
-        if info.is_main:
-            state["train_seconds"] = s["train_seconds"] + time.monotonic() - start
-            checkpoint.save(output, model, extra, optimizer, scheduler, state, resume_point["rng"], best_tensors,
-                            rank_rngs)
 
-    def run_eval() -> dict[str, float]:
-        nonlocal best_tensors, last_eval_step
-        if sharded:  # a sharded forward needs every rank
-            metrics = _evaluate(model, eval_batches, evaluate, device)
+class _Run:
+    """One training run, in the order :func:`train` calls its steps: set up (``__init__``: distributed setup,
+    trainable parameters, optimizer, schedule), :meth:`restore_or_seed`, :meth:`prepare`, then per optimizer
+    step :meth:`optimizer_step` and :meth:`after_step` (logging, evaluation, early stopping, checkpoints),
+    and :meth:`finish` (final evaluation, best adapter, outputs).
+
+    ``s`` is the state a checkpoint holds: step, data position ``(epoch, pos)``, metric history, best metric.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], collate: Collate,
+                 evaluate: Evaluate | None, trainable_extra: Sequence[str]) -> None:
+        self.model, self.config, self.collate, self.evaluate = model, config, collate, evaluate
+        self.train_examples = train_examples
+        self.info = info = distributed.setup(model)
+        self.output = Path(config.output)
+        extra = _unfreeze_extra(model, trainable_extra)
+        if not any(p.requires_grad for p in adapter_parameters(model).values()) and not extra:
+            raise ConfigError("nothing to train: the model has no trainable adapter parameters (attach an adapter first)")
+        if config.gradient_checkpointing:
+            _enable_gradient_checkpointing(model)
+        self.sharded = config.fsdp and info.enabled
+        if self.sharded:  # FSDP2 replaces every parameter by a sharded one: look them up again afterwards
+            distributed.fully_shard_model(model)
+            named = dict(model.named_parameters())
+            extra = {k: named[k] for k in extra}
+        self.extra = extra
+        self.params = [p for p in adapter_parameters(model).values() if p.requires_grad] + list(extra.values())
+        self.device = next(model.parameters()).device
+        self.global_batch = config.batch_size * info.world_size
+        n_batches = len(collate(train_examples, self.global_batch, True, config.seed))
+        if n_batches == 0:
+            raise ConfigError("no training batches: the training data is empty")
+        self.steps_per_epoch = math.ceil(n_batches / config.grad_accum)
+        self.total = config.max_steps or config.epochs * self.steps_per_epoch
+        self.optimizer = _optimizer(model, config, self.params, list(extra.values()))
+        self.scheduler = make_scheduler(self.optimizer, config.schedule, config.warmup, self.total)
+        self.s: dict[str, Any] = {"step": 0, "epoch": 0, "pos": 0, "history": [], "best": None, "best_step": None,
+                                  "bad_evals": 0, "train_seconds": 0.0, "tokens": 0, "stopped_early": False,
+                                  "window": [0.0, 0, 0]}  # train loss sum, steps and tokens since the last log line
+        self.best_tensors: dict[str, torch.Tensor] | None = None
+
+    def restore_or_seed(self) -> None:
+        """Continue from the checkpoint in the output directory (``resume``), else seed every RNG."""
+        config, info = self.config, self.info
+        ckpt = checkpoint.find(self.output) if config.resume else None
+        if config.resume and ckpt is None and info.is_main:
+            warnings.warn(f"resume: no checkpoint in {self.output}; starting from scratch", stacklevel=3)
+        if ckpt is not None:
+            _check_resumable(ckpt, config, info)
+            loaded = checkpoint.load(ckpt, self.model, self.extra, self.optimizer, self.scheduler, rank=info.rank)
+            rng = loaded.pop("rng")
+            self.s.update({k: v for k, v in loaded.items() if k in self.s})
+            if (ckpt / "best.safetensors").is_file():
+                self.best_tensors = checkpoint.read_safetensors(ckpt / "best.safetensors")
+            checkpoint.restore_rng(rng)
         else:
-            metrics = distributed.from_main(lambda: _evaluate(model, eval_batches, evaluate, device), info)
-        model.train()
-        last_eval_step = s["step"]
+            random.seed(config.seed)
+            np.random.seed(config.seed % 2**32)
+            torch.manual_seed(config.seed)
+        if info.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            report.rewrite_jsonl(self.output / "metrics.jsonl", self.s["history"])
+
+    def prepare(self, eval_examples: Sequence[Any] | None) -> None:
+        """Evaluation batches, the DDP wrapper, the progress display and the clocks."""
+        config, info, s = self.config, self.info, self.s
+        self.eval_batches = self.collate(eval_examples, config.batch_size, False, config.seed) if eval_examples else None
+        self.net = self.model if self.sharded else distributed.wrap(self.model, info)
+        self.was_training = self.model.training
+        self.model.train()
+        # a bar on a terminal, else (a log file, CI) a plain line every log_every steps
+        self.bar = report.Progress(self.total, s["step"], config.progress is not False and info.is_main,
+                                   config.log_every, bar=sys.stderr.isatty())
+        self.resume_point = {"epoch": s["epoch"], "pos": s["pos"], "rng": checkpoint.capture_rng()}
+        self.epoch_batches: tuple[int, list[Batch]] | None = None
+        evals = [r["step"] for r in s["history"] if any(k.startswith("eval_") for k in r)]
+        self.last_eval_step = evals[-1] if evals else None
+        self.window_start = self.start = time.monotonic()
+
+    def _batches(self) -> list[Batch]:
+        """The batches of the current epoch (built once per epoch, deterministic given the seed)."""
+        epoch = self.s["epoch"]
+        if self.epoch_batches is None or self.epoch_batches[0] != epoch:
+            self.epoch_batches = (epoch, self.collate(self.train_examples, self.global_batch, True,
+                                                      self.config.seed + epoch))
+        return self.epoch_batches[1]
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Forward and backward over the next ``grad_accum`` micro-batches, clip, step; ``{loss, lr, grad_norm}``."""
+        config, info, s = self.config, self.info, self.s
+        batches = self._batches()
+        end = min(s["pos"] + config.grad_accum, len(batches))
+        micro = [distributed.shard(batches[i], info) for i in range(s["pos"], end)]
+        micro = [_to_device(b, self.device) for b in micro if b is not None]
+        loss_sum, tokens = 0.0, 0
+        for i, b in enumerate(micro):
+            last = i == len(micro) - 1
+            if self.sharded:
+                self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
+            sync = contextlib.nullcontext() if not info.enabled or self.sharded or last else self.net.no_sync()
+            with sync:
+                loss = _loss(self.net(**b))
+                (loss / len(micro)).backward()
+            loss_sum += loss.item()
+            tokens += _count_tokens(b)
+        if config.max_grad_norm is not None:
+            grad_norm = scalar(torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm))
+        else:
+            grad_norm = scalar(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
+        lr = self.optimizer.param_groups[0]["lr"]
+        if micro:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        s["step"] += 1
+        s["pos"] = end
+        self.epoch_fraction = round(s["epoch"] + end / len(batches), 4)
+        if end >= len(batches):
+            s["epoch"], s["pos"] = s["epoch"] + 1, 0
+        self.resume_point = {"epoch": s["epoch"], "pos": s["pos"], "rng": checkpoint.capture_rng()}
+        s["tokens"] += tokens * info.world_size
+        self.step_tokens = tokens
+        return {"loss": loss_sum / max(1, len(micro)), "lr": lr, "grad_norm": grad_norm}
+
+    def after_step(self, logs: dict[str, float]) -> None:
+        """Log every ``log_every`` steps, evaluate every ``eval_every`` (early stopping), checkpoint every
+        ``save_every``; ``logs`` receives the eval metrics."""
+        config, info, s = self.config, self.info, self.s
+        w = s["window"]
+        w[0], w[1], w[2] = w[0] + logs["loss"], w[1] + 1, w[2] + self.step_tokens
+        tok_s = w[2] * info.world_size / max(1e-9, time.monotonic() - self.window_start)
+        if s["step"] % config.log_every == 0 or s["step"] == self.total:
+            self._log({"step": s["step"], "epoch": self.epoch_fraction,
+                       "loss": distributed.mean_across(w[0] / w[1], info),
+                       "lr": logs["lr"], "grad_norm": logs["grad_norm"], "tokens_per_s": round(tok_s, 1)})
+            s["window"], self.window_start = [0.0, 0, 0], time.monotonic()
+        epoch_end = config.eval_each_epoch and s["pos"] == 0
+        if self.eval_batches is not None and (epoch_end or (config.eval_every and s["step"] % config.eval_every == 0)):
+            logs.update(self.run_eval())
+            patience = config.early_stopping_patience
+            s["stopped_early"] = patience is not None and s["bad_evals"] >= patience
+            if s["stopped_early"] and info.is_main:
+                print(f"early stopping at step {s['step']}/{self.total}: {config.metric} has not improved on "
+                      f"{_fmt(s['best'])} (step {s['best_step']}) for {patience} evaluations "
+                      f"(early_stopping_patience={patience})", flush=True)
+        if config.save_every and s["step"] % config.save_every == 0:
+            self.save_checkpoint()
+            distributed.barrier(info)
+        self.bar.update(s["step"], logs["loss"], tok_s)
+
+    def run_eval(self) -> dict[str, float]:
+        """Evaluate, log, and keep a copy of the trained tensors when ``config.metric`` improved."""
+        config, s = self.config, self.s
+        if self.sharded:  # a sharded forward needs every rank
+            metrics = _evaluate(self.model, self.eval_batches, self.evaluate, self.device)
+        else:
+            metrics = distributed.from_main(lambda: _evaluate(self.model, self.eval_batches, self.evaluate,
+                                                              self.device), self.info)
+        self.model.train()
+        self.last_eval_step = s["step"]
         value = metrics.get(config.metric)
         if value is None:
             raise ConfigError(f"metric {config.metric!r} is not among the eval metrics"
@@ -161,91 +255,59 @@ def train(model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], 
         better = s["best"] is None or (value < s["best"] if config.lower_is_better else value > s["best"])
         if better:
             s.update(best=value, best_step=s["step"], bad_evals=0)
-            best_tensors = {k: v.detach().clone() for k, v in checkpoint.trained_tensors(model, extra).items()}
+            self.best_tensors = {k: v.detach().clone()
+                                 for k, v in checkpoint.trained_tensors(self.model, self.extra).items()}
         else:
             s["bad_evals"] += 1
-        _log(s, info, output, {"step": s["step"], **metrics})
+        self._log({"step": s["step"], **metrics})
         return metrics
 
-    try:
-        while s["step"] < total and not s["stopped_early"]:
-            if epoch_batches is None or epoch_batches[0] != s["epoch"]:
-                epoch_batches = (s["epoch"], collate(train_examples, global_batch, True, config.seed + s["epoch"]))
-            batches = epoch_batches[1]
-            end = min(s["pos"] + config.grad_accum, len(batches))
-            micro = [distributed.shard(batches[i], info) for i in range(s["pos"], end)]
-            micro = [_to_device(b, device) for b in micro if b is not None]
-            loss_sum, tokens = 0.0, 0
-            for i, b in enumerate(micro):
-                last = i == len(micro) - 1
-                if sharded:
-                    model.set_requires_gradient_sync(last)  # type: ignore[operator]
-                sync = contextlib.nullcontext() if not info.enabled or sharded or last else net.no_sync()
-                with sync:
-                    loss = _loss(net(**b))
-                    (loss / len(micro)).backward()
-                loss_sum += loss.item()
-                tokens += _count_tokens(b)
-            if config.max_grad_norm is not None:
-                grad_norm = scalar(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            else:
-                grad_norm = scalar(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-            lr = optimizer.param_groups[0]["lr"]
-            if micro:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            s["step"] += 1
-            s["pos"] = end
-            if end >= len(batches):
-                s["epoch"], s["pos"] = s["epoch"] + 1, 0
-            resume_point = {"epoch": s["epoch"], "pos": s["pos"], "rng": checkpoint.capture_rng()}
-            step_loss = loss_sum / max(1, len(micro))
-            s["tokens"] += tokens * info.world_size
-            w = s["window"]
-            w[0], w[1], w[2] = w[0] + step_loss, w[1] + 1, w[2] + tokens
-            tok_s = w[2] * info.world_size / max(1e-9, time.monotonic() - window_start)
-            logs = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm}
-            if s["step"] % config.log_every == 0 or s["step"] == total:
-                _log(s, info, output, {"step": s["step"], "epoch": round(s["epoch"] + s["pos"] / len(batches), 4),
-                                       "loss": distributed.mean_across(w[0] / w[1], info),
-                                       "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(tok_s, 1)})
-                s["window"], window_start = [0.0, 0, 0], time.monotonic()
-            if eval_batches is not None and config.eval_every and s["step"] % config.eval_every == 0:
-                logs.update(run_eval())
-                patience = config.early_stopping_patience
-                s["stopped_early"] = patience is not None and s["bad_evals"] >= patience
-            if config.save_every and s["step"] % config.save_every == 0:
-                save_checkpoint()
-                distributed.barrier(info)
-            bar.update(s["step"], step_loss, tok_s)
-            if callback is not None:
-                callback(s["step"], logs)
-    except KeyboardInterrupt:
-        interrupted = True
-        optimizer.zero_grad(set_to_none=True)
+    def save_checkpoint(self) -> None:
+        info = self.info
+        state = dict(self.s)
+        state.update(epoch=self.resume_point["epoch"], pos=self.resume_point["pos"], config=self.config.to_dict(),
+                     world_size=info.world_size)
+        if self.sharded:  # refused by TrainConfig.validate, except on Ctrl-C
+            if info.is_main:
+                print("fsdp: no checkpoint is written under FSDP", file=sys.stderr)
+            return
+        rank_rngs = distributed.gather(self.resume_point["rng"], info) if info.enabled else None
         if info.is_main:
-            print(f"\ninterrupted: checkpoint saved in {output / checkpoint.CHECKPOINT} "
+            state["train_seconds"] = self.s["train_seconds"] + time.monotonic() - self.start
+            checkpoint.save(self.output, self.model, self.extra, self.optimizer, self.scheduler, state,
+                            self.resume_point["rng"], self.best_tensors, rank_rngs)
+
+    def on_interrupt(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.info.is_main:
+            print(f"\ninterrupted: checkpoint saved in {self.output / checkpoint.CHECKPOINT} "
                   "(continue with resume=True / --resume)", file=sys.stderr)
-        save_checkpoint()
-    finally:
-        bar.close()
-    s["train_seconds"] += time.monotonic() - start
-    if not interrupted:
-        if eval_batches is not None and last_eval_step != s["step"]:
-            run_eval()
-        if config.save_every and s["step"] % config.save_every != 0:
-            save_checkpoint()
-    last_eval = next((r for r in reversed(s["history"]) if config.metric in r), None)
-    if not interrupted and best_tensors is not None and s["best_step"] != s["step"]:
-        checkpoint.restore_trained(model, extra, best_tensors, "best adapter")
-        last_eval = next(r for r in s["history"] if config.metric in r and r["step"] == s["best_step"])
-    metrics = _final_metrics(s, config, params, device, last_eval, interrupted)
-    if info.is_main or sharded:  # under FSDP every rank takes part in gathering the adapter
-        _write_outputs(model, extra, output, metrics, config, s["history"], info.is_main)
-    distributed.barrier(info)
-    model.train(was_training)
-    return metrics
+        self.save_checkpoint()
+
+    def finish(self, interrupted: bool) -> dict[str, Any]:
+        """The final evaluation and checkpoint, the best adapter restored, the outputs written; the metrics."""
+        config, s = self.config, self.s
+        s["train_seconds"] += time.monotonic() - self.start
+        if not interrupted:
+            if self.eval_batches is not None and self.last_eval_step != s["step"]:
+                self.run_eval()
+            if config.save_every and s["step"] % config.save_every != 0:
+                self.save_checkpoint()
+        last_eval = next((r for r in reversed(s["history"]) if config.metric in r), None)
+        if not interrupted and self.best_tensors is not None and s["best_step"] != s["step"]:
+            checkpoint.restore_trained(self.model, self.extra, self.best_tensors, "best adapter")
+            last_eval = next(r for r in s["history"] if config.metric in r and r["step"] == s["best_step"])
+        metrics = _final_metrics(s, config, self.params, self.device, last_eval, interrupted)
+        if self.info.is_main or self.sharded:  # under FSDP every rank takes part in gathering the adapter
+            _write_outputs(self.model, self.extra, self.output, metrics, config, s["history"], self.info.is_main)
+        distributed.barrier(self.info)
+        self.model.train(self.was_training)
+        return metrics
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.s["history"].append(record)
+        if self.info.is_main:
+            report.append_jsonl(self.output / "metrics.jsonl", record)
 
 
 RESUME_KEYS = ("batch_size", "grad_accum", "seed", "schedule", "warmup", "lr", "max_steps", "epochs")
@@ -300,10 +362,8 @@ def _write_outputs(model: nn.Module, extra: dict[str, nn.Parameter], output: Pat
     report.write_report(output / "report.md", metrics, config.to_dict(), history)
 
 
-def _log(s: dict[str, Any], info: distributed.DistInfo, output: Path, record: dict[str, Any]) -> None:
-    s["history"].append(record)
-    if info.is_main:
-        report.append_jsonl(output / "metrics.jsonl", record)
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _unfreeze_extra(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Parameter]:
@@ -337,9 +397,14 @@ def _optimizer(model: nn.Module, config: TrainConfig, params: list[nn.Parameter]
 
         groups = lora_plus_param_groups(model, config.lr, config.loraplus_ratio, config.weight_decay)
         if extra:
-            groups.append({"params": extra, "lr": config.lr, "weight_decay": config.weight_decay})
+            groups.append({"params": extra, "lr": config.head_lr if config.head_lr is not None else config.lr,
+                           "weight_decay": config.weight_decay})
     else:
-        groups = [{"params": params}]
+        ids = {id(p) for p in extra}
+        groups = [{"params": [p for p in params if id(p) not in ids]}]
+        if extra:
+            groups.append({"params": extra, "lr": config.head_lr if config.head_lr is not None else config.lr})
+        groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 

@@ -67,6 +67,13 @@ def write_report(path: Path, metrics: dict[str, Any], config: dict[str, Any], hi
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
+def rewrite_report(output: Path, metrics: dict[str, Any], config: Any) -> None:
+    """Write ``report.md`` again with ``metrics`` (figures computed after training, such as exact match),
+    the history read back from ``metrics.jsonl``."""
+    lines = (output / "metrics.jsonl").read_text().splitlines() if (output / "metrics.jsonl").is_file() else []
+    write_report(output / "report.md", metrics, config.to_dict(), [json.loads(line) for line in lines if line.strip()])
+
+
 def plot_curves(path: Path, history: list[dict[str, Any]], metric: str) -> bool:
     """Train loss and eval loss (left) and ``metric`` when it is not a loss (right) against step.
 
@@ -80,6 +87,17 @@ def plot_curves(path: Path, history: list[dict[str, Any]], metric: str) -> bool:
     except ImportError:
         warnings.warn("matplotlib is not installed: curves.png not written (pip install matplotlib)", stacklevel=2)
         return False
+    fig = curves_figure(plt, history, metric)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def curves_figure(plt: Any, history: list[dict[str, Any]], metric: str) -> Any:
+    """The figure of :func:`plot_curves`. A curve of one point is drawn as a marker (a line needs two)."""
     train = [(r["step"], r["loss"]) for r in history if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
     extra = [(r["step"], r[metric]) for r in history if metric in r] if metric != "eval_loss" else []
@@ -87,7 +105,7 @@ def plot_curves(path: Path, history: list[dict[str, Any]], metric: str) -> bool:
     fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
     ax = axes[0][0]
     if train:
-        ax.plot(*zip(*train, strict=True), label="train loss")
+        ax.plot(*zip(*train, strict=True), marker="o" if len(train) == 1 else None, label="train loss")
     if evals:
         ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
     ax.set_xlabel("step")
@@ -101,22 +119,18 @@ def plot_curves(path: Path, history: list[dict[str, Any]], metric: str) -> bool:
         ax2.set_ylabel(metric)
         ax2.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return True
+    return fig
 
 
 class Progress:
-    """A tqdm bar when tqdm is installed, else a plain line every ``log_every`` steps; silent when disabled."""
+    """A tqdm bar when ``bar`` (stderr is a terminal) and tqdm is installed, else a plain line every ``log_every``
+    steps (step, loss, tokens/s, ETA) that reads well in a log file; silent when disabled."""
 
-    def __init__(self, total: int, initial: int, enabled: bool, log_every: int) -> None:
+    def __init__(self, total: int, initial: int, enabled: bool, log_every: int, bar: bool = True) -> None:
         self.total, self.enabled, self.log_every = total, enabled, log_every
         self.bar = None
         self.start, self.start_step = time.monotonic(), initial
-        if enabled:
+        if enabled and bar:
             try:
                 from tqdm.auto import tqdm
 

@@ -1,4 +1,7 @@
-"""What the commands share: loading the model for a task, building examples, the evaluation metrics.
+"""Tasks: loading the model for a task, task records, building examples, the evaluation metrics.
+
+Shared by the command line and any other front end (serving, merging): nothing here imports
+``peftkit.cli``.
 
 Tasks: ``causal-lm`` (prompt/completion or chat ``messages``; loss on the completion tokens) and
 ``classification`` (``text`` [+ ``text_pair``] → ``label``; the classification head is trained with
@@ -17,12 +20,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.errors import ConfigError, did_you_mean
-from ..core.files import json_to_bytes, write_files
+from .core.errors import ConfigError, did_you_mean
+from .core.files import json_to_bytes, write_files
 
 TASKS = ("causal-lm", "classification")
 TASK_FILE = "peftkit_task.json"
 HEAD_NAMES = ("classifier", "score")
+
+
+#: training settings that differ from :class:`peftkit.train.TrainConfig`'s defaults per task (the causal-LM ones).
+#: Classification: the head starts from random values and needs a higher lr than the adapter (``head_lr``); a
+#: short warmup; the eval set is scored after each epoch and the best adapter is kept (``metric``). How these
+#: were chosen (SST-2 and a topic set, against a hand-written peft loop): docs/training.md.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "causal-lm": {},
+    "classification": {"lr": 1e-3, "head_lr": 5e-3, "warmup": 0.06, "epochs": 3, "batch_size": 16,
+                       "eval_each_epoch": True, "metric": "eval_accuracy"},
+}
+
+
+def task_defaults(task: str) -> dict[str, Any]:
+    """The training settings of ``task`` that differ from TrainConfig's defaults (a copy)."""
+    check_task(task)
+    return dict(TASK_DEFAULTS[task])
 
 
 def check_task(task: str) -> None:
@@ -31,7 +51,7 @@ def check_task(task: str) -> None:
 
 
 def check_model_name(name: str) -> None:
-    from ..hub.models import ALIASES, alias_dir
+    from .hub.models import ALIASES, alias_dir
 
     if name in ALIASES:
         alias_dir(name)  # says which package to install when it is missing
@@ -42,7 +62,7 @@ def check_model_name(name: str) -> None:
 
 def load_tokenizer(name: str) -> Any:
     """The tokenizer of a model alias or local directory, with a pad token (eos when it has none)."""
-    from ..hub.models import load_tokenizer as _load
+    from .hub.models import load_tokenizer as _load
 
     check_model_name(name)
     tok = _load(name)
@@ -55,13 +75,28 @@ def load_model(name: str, task: str, num_labels: int | None = None, seed: int = 
                tok: Any = None) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` for a model alias or local directory; ``tok`` (from :func:`load_tokenizer`) is reused,
     else loaded."""
-    from ..hub.models import load_causal_lm, load_encoder
+    from .hub.models import load_causal_lm, load_encoder
 
     tok = tok if tok is not None else load_tokenizer(name)
     torch.manual_seed(seed)  # the new classification head's initialisation
     if task == "causal-lm":
         return load_causal_lm(name, tokenizer=tok)
     return load_encoder(name, num_labels=num_labels or 2, tokenizer=tok)
+
+
+def load_adapted(adapter: Path | None, info: dict[str, Any], model_name: str | None = None, tok: Any = None):
+    """The base model (``model_name`` or the one recorded in ``info``) with the adapter of ``adapter`` loaded."""
+    from . import load
+    from .train import load_extra
+
+    task = info["task"]
+    labels = info.get("labels")
+    model, tok = load_model(model_name or info["model"], task, num_labels=len(labels) if labels else None, tok=tok)
+    if adapter is not None and info.get("method") != "full":
+        load(model, adapter)
+    if adapter is not None and (adapter / "extra.safetensors").is_file():
+        load_extra(model, adapter)
+    return model.eval(), tok
 
 
 def head_name(model: nn.Module) -> str:
@@ -73,12 +108,17 @@ def head_name(model: nn.Module) -> str:
 
 def examples(task: str, records: list[dict], tok: Any, max_length: int, labels: list[str] | None = None,
              prompt_format: str | None = None) -> tuple[list[dict], list[str] | None]:
-    from ..data import apply_prompt_format, build_causal_lm_examples, build_classification_examples
+    from .data import apply_prompt_format, build_causal_lm_examples, build_classification_examples
 
     if task == "causal-lm":
         return build_causal_lm_examples(apply_prompt_format(records, prompt_format), tok, max_length), None
-    ex, names = build_classification_examples(records, tok, max_length, text_pair_col=_pair_col(records), labels=labels)
-    return ex, names
+    try:
+        return build_classification_examples(records, tok, max_length, text_pair_col=_pair_col(records), labels=labels)
+    except ConfigError as e:
+        if "column" in str(e) and "has no column" in str(e):
+            raise ConfigError(f"{e} (classification reads the columns 'text' and 'label': map yours with "
+                              "--columns text=sentence,label=sentiment)") from None
+        raise
 
 
 def _pair_col(records: list[dict]) -> str | None:
@@ -119,7 +159,7 @@ def exact_match(model: nn.Module, tok: Any, records: list[dict], max_new_tokens:
     others the first line of the generation, stripped. ``max_new_tokens`` defaults to the longest
     reference completion in tokens plus 16.
     """
-    from ..data import extract_answer, prompt_ids
+    from .data import extract_answer, prompt_ids
 
     model.eval()
     device = next(model.parameters()).device
@@ -156,8 +196,23 @@ def write_task(adapter_dir: Path, info: dict[str, Any]) -> None:
 
 
 def read_task(adapter_dir: Path) -> dict[str, Any]:
+    """The task record of an adapter directory, checked: a JSON object with a known ``task`` and a ``model`` name."""
     p = Path(adapter_dir) / TASK_FILE
     if not p.is_file():
         raise ConfigError(f"{adapter_dir}: no {TASK_FILE} (it was not written by `peftkit train`); for a causal-LM "
                           "adapter saved by peftkit.save or by peft, pass --model and --task causal-lm")
-    return json.loads(p.read_text())
+    try:
+        info = json.loads(p.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ConfigError(f"{p}: corrupt task record, not valid JSON{where}; rewrite it or retrain") from None
+    if not isinstance(info, dict):
+        raise ConfigError(f"{p}: corrupt task record: expected a JSON object, found {type(info).__name__}")
+    for key in ("task", "model"):
+        if not isinstance(info.get(key), str) or not info[key]:
+            raise ConfigError(f"{p}: the task record has no {key!r} (fields: {', '.join(map(str, info)) or 'none'})")
+    check_task(info["task"])
+    labels = info.get("labels")
+    if info["task"] == "classification" and (not isinstance(labels, list) or not labels):
+        raise ConfigError(f"{p}: a classification task record needs its 'labels' list")
+    return info
