@@ -248,7 +248,6 @@ def evaluate(args: argparse.Namespace, extra: list[str]) -> int:
 def generate(args: argparse.Namespace, extra: list[str]) -> int:
     import sys
 
-    from ..io import load
     from ..core.api import activate
     from ..data import prompt_ids
     from ..io import load

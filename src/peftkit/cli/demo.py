@@ -28,10 +28,10 @@ def reversal_rows(n: int, seed: int) -> list[dict[str, str]]:
 
 
 def run_demo(output: Path, steps: int = 100, model_name: str = "smollm2-135m", held_out: int = 30) -> int:
+    from .. import tasks
     from ..core.api import attach
     from ..core.summary import summary
     from ..methods.lora import LoRA
-    from .. import tasks
     from ..train import TrainConfig, train
 
     t_start = time.time()
