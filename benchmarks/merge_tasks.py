@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import peftkit
-from peftkit.cli import tasks
+from peftkit import tasks
 from peftkit.data import batches, load_records
 from peftkit.train import load_extra
 
