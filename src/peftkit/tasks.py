@@ -86,7 +86,7 @@ def load_model(name: str, task: str, num_labels: int | None = None, seed: int = 
 
 def load_adapted(adapter: Path | None, info: dict[str, Any], model_name: str | None = None, tok: Any = None):
     """The base model (``model_name`` or the one recorded in ``info``) with the adapter of ``adapter`` loaded."""
-    from . import load
+    from .io import load
     from .train import load_extra
 
     task = info["task"]

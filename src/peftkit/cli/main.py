@@ -20,7 +20,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
+from .._version import __version__
 from ..core.errors import PeftkitError
 from .flags import TRAIN_ALIASES, TRAIN_HELP, TRAIN_NUMBERS, normalize_train_argv
 

@@ -47,7 +47,7 @@ def file_digest(path: Path) -> str:
 
 
 def entry_dir(source: Path) -> Path:
-    from .. import __version__
+    from .._version import __version__
 
     return cache_root() / "converted" / f"{source.stem}-{__version__}-{file_digest(source)}"
 
