@@ -28,10 +28,12 @@ from .core.errors import (
     PeftkitError,
     TargetError,
 )
+from .core.hooks import StepInfo, after_backward, after_step, before_step, regularization_loss, training_hooks
 from .core.model import active_names, adapter_names
 from .core.registry import METHODS, get_method, method_table, register
 from .core.state import load, save
 from .core.summary import summary
+from .methods.adalora import AdaLoRA
 from .methods.bottleneck import Bottleneck
 from .methods.dora import DoRA
 from .methods.ia3 import IA3
@@ -45,6 +47,7 @@ __all__ = [
     "IA3",
     "METHODS",
     "OFT",
+    "AdaLoRA",
     "AdapterConfig",
     "AdapterLoadError",
     "AdapterNotFoundError",
@@ -58,12 +61,16 @@ __all__ = [
     "PeftkitError",
     "PromptTuning",
     "SparseFT",
+    "StepInfo",
     "TargetError",
     "activate",
     "active_names",
     "adapter_names",
     "adapter_parameters",
+    "after_backward",
+    "after_step",
     "attach",
+    "before_step",
     "delete",
     "disabled",
     "fish_scores",
@@ -75,9 +82,11 @@ __all__ = [
     "method_table",
     "mixed_batch",
     "register",
+    "regularization_loss",
     "save",
     "set_trainable",
     "summary",
+    "training_hooks",
     "unload",
     "unmerge",
 ]

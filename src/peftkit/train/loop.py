@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core import hooks
 from ..core.api import adapter_parameters
 from ..core.errors import ConfigError, did_you_mean
 from ..core.sharding import full_state, scalar
@@ -176,6 +177,9 @@ def train(model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], 
             micro = [distributed.shard(batches[i], info) for i in range(s["pos"], end)]
             micro = [_to_device(b, device) for b in micro if b is not None]
             loss_sum, tokens = 0.0, 0
+            scheduled = bool(hooks.training_hooks(model))  # AdaLoRA, DyLoRA, ...: see peftkit.core.hooks
+            if scheduled:
+                hooks.before_step(model, s["step"], total, optimizer)
             for i, b in enumerate(micro):
                 last = i == len(micro) - 1
                 if sharded:
@@ -183,9 +187,12 @@ def train(model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], 
                 sync = contextlib.nullcontext() if not info.enabled or sharded or last else net.no_sync()
                 with sync:
                     loss = _loss(net(**b))
-                    (loss / len(micro)).backward()
+                    reg = hooks.regularization_loss(model, s["step"], total) if scheduled else 0.0
+                    ((loss + reg) / len(micro)).backward()
                 loss_sum += loss.item()
                 tokens += _count_tokens(b)
+            if scheduled:
+                hooks.after_backward(model, s["step"], total, optimizer)
             if config.max_grad_norm is not None:
                 grad_norm = scalar(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             else:
@@ -193,6 +200,8 @@ def train(model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], 
             lr = optimizer.param_groups[0]["lr"]
             if micro:
                 optimizer.step()
+            if scheduled:
+                hooks.after_step(model, s["step"], total, optimizer)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             s["step"] += 1
