@@ -36,6 +36,7 @@ from .core.summary import summary
 from .methods.adalora import AdaLoRA
 from .methods.bottleneck import Bottleneck
 from .methods.dora import DoRA
+from .methods.dylora import DyLoRA
 from .methods.ia3 import IA3
 from .methods.lora import LoRA, lora_plus_param_groups
 from .methods.oft import OFT
@@ -55,6 +56,7 @@ __all__ = [
     "Bottleneck",
     "ConfigError",
     "DoRA",
+    "DyLoRA",
     "LayerNormTuning",
     "LoRA",
     "NotMergeableError",
