@@ -188,3 +188,52 @@ def test_rank_above_the_layer_is_refused():
     model, _, _ = MODELS["llama"](0)
     with pytest.raises(peftkit.TargetError, match="init_r=40"):
         peftkit.attach(model, AdaLoRA(init_r=40, target_r=2, total_step=10, target_modules=["q_proj"]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_peft_file_after_allocation_loads_with_the_same_outputs(arch, tmp_path):
+    kw = _kw(arch, tfinal=1)
+    pm, _ours, inputs, out, mine, theirs = _twins(arch, kw)
+    g = torch.Generator().manual_seed(5)
+    for step in range(kw["total_step"]):
+        for n in sorted(mine):
+            grad = torch.randn(mine[n].shape, generator=g)
+            theirs[_peft_key(n)].grad = grad
+        pm.base_model.update_and_allocate(step)
+    pm.eval()
+    ref = _outputs(pm, inputs, out)
+    pm.save_pretrained(tmp_path)
+    import json
+
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "ADALORA" and saved["rank_pattern"]
+    base, _, _ = MODELS[arch](0)
+    peftkit.load(base, tmp_path)
+    assert torch.allclose(_outputs(base, inputs, out), ref, atol=1e-5, rtol=1e-4)
+    assert sum(kept_ranks(base).values()) == kw["target_r"] * len(kept_ranks(base))
+    cfg = next(iter(peftkit.get_adapter(base, "default").values())).config
+    assert cfg.rank_pattern == {k.rsplit(".lora_E", 1)[0]: v for k, v in saved["rank_pattern"].items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_peftkit_hf_export_after_allocation_loads_in_peft(arch, tmp_path):
+    from peft import PeftModel
+
+    kw = _kw(arch, tfinal=1)
+    _pm, ours, inputs, out, mine, _theirs = _twins(arch, kw)
+    g = torch.Generator().manual_seed(5)
+    for step in range(kw["total_step"]):
+        for n in sorted(mine):
+            mine[n].grad = torch.randn(mine[n].shape, generator=g)
+        peftkit.after_step(ours, step, kw["total_step"])
+    y = _outputs(ours, inputs, out)
+    peftkit.save(ours, tmp_path, format="hf")
+    import json
+
+    hf = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert hf["peft_type"] == "ADALORA" and sum(sum(v) for v in hf["rank_pattern"].values()) == 2 * len(mine) // 3
+    loaded = PeftModel.from_pretrained(MODELS[arch](0)[0], tmp_path).eval()
+    assert torch.allclose(_outputs(loaded, inputs, out), y, atol=1e-5, rtol=1e-4)
+    back, _, _ = MODELS[arch](0)
+    peftkit.load(back, tmp_path)  # and our own export reads back
+    assert torch.allclose(_outputs(back, inputs, out), y, atol=1e-5, rtol=1e-4)

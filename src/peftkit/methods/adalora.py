@@ -28,6 +28,7 @@ calls it, other loops call ``peftkit.after_step(model, step)`` and add
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,8 @@ from ..core.errors import ConfigError
 from ..core.hooks import StepInfo
 from ..core.layers import CONV2D, HF_CONV1D, LINEAR, layer_kind
 from ..core.registry import register
-from .lora import LORA_DEFAULT_TARGETS
+from ..core.targets import ATTENTION_QV
+from ..formats.codec import HFCodec
 from .svd_lowrank import SVDLayer
 
 
@@ -84,7 +86,7 @@ class AdaLoRA(AdapterConfig):
     paper = "Zhang et al. 2023 (arXiv:2303.10512)"
     formula = "W x + s·P(λ ⊙ Q x), budget pruned by importance; P, λ, Q"
     supported_layers = (LINEAR, HF_CONV1D, CONV2D)
-    default_targets = LORA_DEFAULT_TARGETS
+    default_targets = ATTENTION_QV
 
     init_r: int = 12
     target_r: int = 8
@@ -139,6 +141,7 @@ class AdaLoRA(AdapterConfig):
 
     def build(self, base: nn.Module, module_name: str) -> SVDLayer:
         layer = SVDLayer(self, base, self.init_r, self.alpha, self.dropout)
+        layer.module_name = module_name
         keep = (self.rank_pattern or {}).get(module_name)
         if keep is not None:
             layer.mask_values(torch.tensor(keep, dtype=torch.bool))
@@ -204,3 +207,73 @@ def kept_ranks(model: nn.Module, name: str = "default") -> dict[str, int]:
     from ..core.api import get_adapter
 
     return {path: int((m.lora_E != 0).sum()) for path, m in get_adapter(model, name).items()}
+
+
+# -- Hugging Face PEFT form (peft's AdaLoraConfig, peft_type "ADALORA") -----------------------------
+#: peft keys read (``r``, ``use_rslora``, ``init_lora_weights``, ``fan_in_fan_out`` do not change peft's AdaLoRA math)
+HF_OPTIONS = frozenset({"init_r", "target_r", "lora_alpha", "lora_dropout", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+                        "orth_reg_weight", "total_step", "rank_pattern", "r", "use_rslora", "init_lora_weights",
+                        "fan_in_fan_out", "bias", "layers_to_transform", "layers_pattern"})
+HF_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16}
+
+
+def _to_hf(c: AdaLoRA, targets: list[str]) -> dict[str, Any]:
+    pattern = None if c.rank_pattern is None else {f"{path}.lora_E": list(keep) for path, keep in c.rank_pattern.items()}
+    return {"init_r": c.init_r, "target_r": c.target_r, "lora_alpha": c.alpha, "lora_dropout": c.dropout,
+            "total_step": c.total_step, "tinit": c.tinit, "tfinal": c.tfinal, "deltaT": c.delta_t, "beta1": c.beta1,
+            "beta2": c.beta2, "orth_reg_weight": c.orth_reg_weight, "rank_pattern": pattern, "r": 8, "bias": "none",
+            "init_lora_weights": True, "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+            "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None}
+
+
+def _from_hf(d: dict[str, Any]) -> AdaLoRA:
+    if d.get("bias", "none") != "none":
+        raise ConfigError(f"peft option bias={d['bias']!r} is not supported by peftkit's AdaLoRA; use 'none'")
+    raw = d.get("rank_pattern")
+    pattern = None if raw is None else {re.sub(r"\.lora_E(\.[^.]+)?$", "", k): [bool(x) for x in v] for k, v in raw.items()}
+    return AdaLoRA(init_r=int(d.get("init_r", 12)), target_r=int(d.get("target_r", 8)), alpha=d.get("lora_alpha", 8),
+                   dropout=float(d.get("lora_dropout", 0.0) or 0.0), total_step=d.get("total_step"),
+                   tinit=int(d.get("tinit", 0)), tfinal=int(d.get("tfinal", 0)), delta_t=int(d.get("deltaT", 1)),
+                   beta1=d.get("beta1", 0.85), beta2=d.get("beta2", 0.85), orth_reg_weight=d.get("orth_reg_weight", 0.5),
+                   rank_pattern=pattern, target_modules=d.get("target_modules"))
+
+
+def _export(state: dict[str, torch.Tensor], layer: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """peft keeps only the allocated triplets in its files (``resize_state_dict_by_rank_pattern``)."""
+    keep = layer.get("rank_keep")
+    if keep is None or all(keep):
+        return state
+    idx = torch.tensor(keep, dtype=torch.bool)
+    return {"lora_A": state["lora_A"][idx], "lora_E": state["lora_E"][idx], "lora_B": state["lora_B"][:, idx]}
+
+
+def _from_file(state: Any) -> Any:
+    """Put a peft file's kept triplets back in their slots of ``init_r`` (the pruned ones: zeros, λ = 0)."""
+    config: AdaLoRA = state.config
+    tensors = dict(state.tensors)
+    for path, keep in (config.rank_pattern or {}).items():
+        a, e, b = (tensors.get(f"{path}.{n}") for n in ("lora_A", "lora_E", "lora_B"))
+        if a is None or e is None or b is None or a.shape[0] == config.init_r:
+            continue
+        idx = torch.tensor(keep, dtype=torch.bool)
+        if int(idx.sum()) != a.shape[0]:
+            from ..core.errors import AdapterLoadError
+
+            raise AdapterLoadError(f"{path}: rank_pattern keeps {int(idx.sum())} triplets but the file holds {a.shape[0]}")
+        full_a, full_e = a.new_zeros(config.init_r, a.shape[1]), e.new_zeros(config.init_r, 1)
+        full_b = b.new_zeros(b.shape[0], config.init_r)
+        full_a[idx], full_e[idx], full_b[:, idx] = a, e, b
+        tensors.update({f"{path}.lora_A": full_a, f"{path}.lora_E": full_e, f"{path}.lora_B": full_b})
+    return state.replace(tensors=tensors)
+
+
+AdaLoRA.hf_codec = HFCodec(
+    peft_type="ADALORA",
+    config_to_hf=_to_hf,
+    config_from_hf=_from_hf,
+    read_names={"lora_A": "lora_A", "lora_E": "lora_E", "lora_B": "lora_B"},
+    options=HF_OPTIONS,
+    defaults=HF_DEFAULTS,
+    export=_export,
+    from_file=_from_file,
+)

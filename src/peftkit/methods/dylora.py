@@ -30,7 +30,8 @@ from ..core.errors import ConfigError
 from ..core.hooks import StepInfo
 from ..core.layers import HF_CONV1D, LINEAR, layer_info, layer_kind
 from ..core.registry import register
-from .lora import LORA_DEFAULT_TARGETS, max_rank
+from ..core.targets import ATTENTION_QV
+from .lora import max_rank
 
 
 @register
@@ -47,7 +48,7 @@ class DyLoRA(AdapterConfig):
     paper = "Valipour et al. 2023 (arXiv:2210.07558)"
     formula = "W x + (α/b)·B[:, :b] A[:b] x, b drawn per step; A, B"
     supported_layers = (LINEAR, HF_CONV1D)
-    default_targets = LORA_DEFAULT_TARGETS
+    default_targets = ATTENTION_QV
 
     r: int = 8
     alpha: float = 8.0

@@ -56,6 +56,13 @@ class SVDLayer(AdapterModule):
         nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
         self.register_buffer("active", torch.ones(r, dtype=torch.bool), persistent=False)
         self.ipt: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: the module path (set by the config's ``build``): the key of this layer in ``config.rank_pattern``
+        self.module_name: str | None = None
+
+    def layer_facts(self) -> dict[str, Any]:
+        """``{"rank_keep": [bool] * r}`` when the config records an allocation for this layer (peft files drop the rest)."""
+        keep = (getattr(self.config, "rank_pattern", None) or {}).get(self.module_name)
+        return {} if keep is None else {"rank_keep": list(keep)}
 
     # -- forward / merge --------------------------------------------------------------
     def values(self) -> torch.Tensor:
