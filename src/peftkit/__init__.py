@@ -38,6 +38,7 @@ from .methods.bottleneck import Bottleneck
 from .methods.dora import DoRA
 from .methods.dylora import DyLoRA
 from .methods.ia3 import IA3
+from .methods.increlora import IncreLoRA
 from .methods.lora import LoRA, lora_plus_param_groups
 from .methods.oft import OFT
 from .methods.prompt import PromptTuning
@@ -58,6 +59,7 @@ __all__ = [
     "ConfigError",
     "DoRA",
     "DyLoRA",
+    "IncreLoRA",
     "LayerNormTuning",
     "LoRA",
     "LowRankOptions",

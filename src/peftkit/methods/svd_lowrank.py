@@ -130,9 +130,11 @@ class SVDLayer(AdapterModule):
         self.lora_E.masked_fill_(~keep.to(self.lora_E.device)[:, None], 0.0)
 
     def orthogonality(self) -> torch.Tensor:
-        """``‖Q Qᵀ − I‖_F + ‖PᵀP − I‖_F`` (the two terms of the orthogonality penalty)."""
+        """``‖Q Qᵀ − I‖_F + ‖PᵀP − I‖_F`` over the active triplets (the two terms of the orthogonality penalty)."""
         a, b = self.lora_A, self.lora_B
-        eye = torch.eye(self.r, device=a.device, dtype=a.dtype)
+        if not bool(self.active.all()):
+            a, b = a[self.active], b[:, self.active]
+        eye = torch.eye(a.shape[0], device=a.device, dtype=a.dtype)
         return torch.linalg.matrix_norm(a @ a.t() - eye) + torch.linalg.matrix_norm(b.t() @ b - eye)
 
     def extra_repr(self) -> str:
