@@ -237,3 +237,24 @@ def test_peftkit_hf_export_after_allocation_loads_in_peft(arch, tmp_path):
     back, _, _ = MODELS[arch](0)
     peftkit.load(back, tmp_path)  # and our own export reads back
     assert torch.allclose(_outputs(back, inputs, out), y, atol=1e-5, rtol=1e-4)
+
+
+def test_after_the_final_allocation_the_pattern_is_kept_and_recovered():
+    kw = _kw("llama", tfinal=3)
+    mods = [last[-1] for last in _drive("llama", kw, kw["total_step"] - 2)][-1]  # up to the final allocation
+    config = next(iter(mods.values())).config
+    final = {k: list(v) for k, v in config.rank_pattern.items()}
+    with torch.no_grad():
+        for m in mods.values():
+            m.lora_E.add_(0.5)  # an optimizer step revives masked λ ...
+    config.rank_pattern = None  # ... and a resumed run lost the recorded pattern: recovered from the zeroed λ
+    for m, keep in zip(mods.values(), final.values(), strict=True):
+        with torch.no_grad():
+            m.lora_E[~torch.tensor(keep)] = 0.0
+    config.after_step(mods, peftkit.StepInfo(kw["total_step"] - 1, kw["total_step"], "default", None))
+    assert config.rank_pattern == final
+    with torch.no_grad():
+        for m in mods.values():
+            m.lora_E.add_(0.5)
+    config.after_step(mods, peftkit.StepInfo(kw["total_step"], kw["total_step"], "default", None))
+    assert {p: (m.lora_E != 0).view(-1).tolist() for p, m in mods.items()} == final  # re-masked every step

@@ -186,10 +186,12 @@ class AdaLoRA(AdapterConfig):
             budget, mask_now = self.budget(step, len(layers))
             if mask_now:
                 self.rank_pattern = self.allocate(layers, budget)
-        elif step == end or self.rank_pattern is None:
+        elif step == end:
             self.rank_pattern = self.allocate(layers, self.target_r * len(layers))
             for m in layers.values():
                 m.reset_importance()
+        elif self.rank_pattern is None:  # a run resumed past the final allocation: the zeroed λ tell it
+            self.rank_pattern = {path: (m.lora_E != 0).view(-1).tolist() for path, m in layers.items()}
         else:
             for path, m in layers.items():
                 m.mask_values(torch.tensor(self.rank_pattern[path], dtype=torch.bool))
