@@ -48,6 +48,8 @@ def test_eval_at_rank_k_reproduces_the_training_forward_with_b_equal_k():
         with torch.no_grad():
             seen[b] = out(model(**inputs))
     assert sorted(seen) == [1, 2, 3, 4]  # every rank drawn
+    peftkit.after_step(model, 40)  # the draw holds for one step only
+    assert all(m.train_rank is None for m in peftkit.get_adapter(model, "default").values())
     model.eval()
     for k, y_train in seen.items():
         set_rank(model, k)

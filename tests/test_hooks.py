@@ -55,7 +55,7 @@ def test_only_trained_adapters_with_hooks_take_part():
     peftkit.attach(model, AdaLoRA(init_r=4, target_r=2, total_step=5, target_modules=["v_proj"]), name="ada")
     assert peftkit.training_hooks(model) == {"ada": ["after_step", "regularization_loss"]}
     peftkit.attach(model, DyLoRA(r=4, target_modules=["k_proj"]), name="dy")  # attaching freezes "ada"
-    assert peftkit.training_hooks(model) == {"dy": ["before_step"]}
+    assert peftkit.training_hooks(model) == {"dy": ["before_step", "after_step"]}
     peftkit.set_trainable(model, ["ada", "dy"])
     assert set(peftkit.training_hooks(model)) == {"ada", "dy"}
     assert float(peftkit.regularization_loss(model)) > 0

@@ -10,7 +10,7 @@ truncated update
 (nested dropout of the components above ``b``: they neither act nor get gradients this step). So
 every leading-``k`` truncation is trained as a rank-``k`` LoRA, and any rank in ``[r_min, r]`` can
 be picked at inference with :func:`set_rank` (default ``eval_rank``, else ``r``), no rank search
-needed. The draw runs through the training-hook protocol (``before_step``, see
+needed. The draw runs through the training-hook protocol (``before_step``, undone by ``after_step``; see
 :mod:`peftkit.core.hooks`) and uses torch's global RNG, so a seeded run is reproducible.
 """
 
@@ -90,6 +90,11 @@ class DyLoRA(AdapterConfig):
         b = int(torch.randint(self.r_min, self.r + 1, ()).item())
         for m in modules.values():
             m.train_rank = b  # type: ignore[assignment]
+
+    def after_step(self, modules: dict[str, AdapterModule], info: StepInfo) -> None:
+        """The drawn rank holds for one optimizer step only (a forward outside the loop uses every rank)."""
+        for m in modules.values():
+            m.train_rank = None  # type: ignore[assignment]
 
 
 def _check_rank(owner: str, name: str, k: Any, lo: int, hi: int) -> None:
