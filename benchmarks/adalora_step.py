@@ -9,7 +9,7 @@ step, the costliest setting. Steps alternate between the two models in one proce
 the ratio of median step times. Memory: the bytes autograd saves for backward during one step, and
 the peak resident memory of a separate process per library doing the same steps.
 
-    python benchmarks/adalora_step.py [--steps 6] [--json out.json]
+    python benchmarks/adalora_step.py [--steps 6] [--warmup 2] [--no-rss] [--json out.json]
 """
 
 from __future__ import annotations
@@ -100,41 +100,41 @@ def peak_rss(lib: str, steps: int = 3) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(steps: int = 6) -> dict[str, float]:
+def run(steps: int = 6, warmup: int = 2, rss: bool = True) -> dict[str, float]:
     C.setup()
     models = {lib: build() for lib, build in BUILDERS.items()}
     batch = C.token_batch(4, 128, models["peft"].config.vocab_size)
     fns = {lib: step_fn(lib, m, batch) for lib, m in models.items()}
-    times = C.alternate(fns, steps)
+    times = C.alternate(fns, steps, warmup=warmup)
+    res = {"peftkit_step_s": C.median(times["peftkit"]), "peft_step_s": C.median(times["peft"])}
+    res["time_ratio"] = res["peftkit_step_s"] / res["peft_step_s"]
+    print(json.dumps({"step_times": times, **res}), flush=True)  # the time figures first: memory takes long
     saved = {}
     for lib, m in models.items():
         m.train()
         saved[lib] = C.saved_activation_bytes(loss_fn(lib, m, batch), m)
-    rss = {lib: peak_rss(lib) for lib in BUILDERS}
-    res = {
-        "peftkit_step_s": C.median(times["peftkit"]),
-        "peft_step_s": C.median(times["peft"]),
-        "saved_mb_peftkit": saved["peftkit"] / 2**20,
-        "saved_mb_peft": saved["peft"] / 2**20,
-        "peak_rss_mb_peftkit": rss["peftkit"]["peak_rss_mb"],
-        "peak_rss_mb_peft": rss["peft"]["peak_rss_mb"],
-    }
-    res["time_ratio"] = res["peftkit_step_s"] / res["peft_step_s"]
+    res.update(saved_mb_peftkit=saved["peftkit"] / 2**20, saved_mb_peft=saved["peft"] / 2**20)
     res["saved_memory_ratio"] = res["saved_mb_peftkit"] / res["saved_mb_peft"]
-    res["peak_rss_ratio"] = res["peak_rss_mb_peftkit"] / res["peak_rss_mb_peft"]
+    print(json.dumps(res), flush=True)
+    if rss:
+        peaks = {lib: peak_rss(lib) for lib in BUILDERS}
+        res.update(peak_rss_mb_peftkit=peaks["peftkit"]["peak_rss_mb"], peak_rss_mb_peft=peaks["peft"]["peak_rss_mb"])
+        res["peak_rss_ratio"] = res["peak_rss_mb_peftkit"] / res["peak_rss_mb_peft"]
     return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes (they reload the model)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--rss-child", default=None, choices=list(BUILDERS))
     a = ap.parse_args()
     if a.rss_child:
         rss_child(a.rss_child, a.steps)
         return
-    res = run(a.steps)
+    res = run(a.steps, a.warmup, not a.no_rss)
     C.report("AdaLoRA training step with rank allocation, SmolLM2-135M init_r=12 target_r=8 all block linears, "
              "batch 4x128", [(k, f"{v:.4f}") for k, v in res.items()])
     if a.json:
