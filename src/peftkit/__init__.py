@@ -29,14 +29,18 @@ from .core.errors import (
     PeftkitError,
     TargetError,
 )
+from .core.hooks import StepInfo, after_backward, after_step, before_step, regularization_loss, training_hooks
 from .core.model import active_names, adapter_names
 from .core.registry import METHODS, get_method, method_table, register
 from .core.summary import summary
 from .io import load, read_adapters, save, write_adapters
 from .merging import extract_lora, learn_coefficients, merge_adapters, merge_checkpoints
+from .methods.adalora import AdaLoRA
 from .methods.bottleneck import Bottleneck
 from .methods.dora import DoRA
+from .methods.dylora import DyLoRA
 from .methods.ia3 import IA3
+from .methods.increlora import IncreLoRA
 from .methods.lora import LoRA, lora_plus_param_groups
 from .methods.oft import OFT
 from .methods.prompt import PromptTuning
@@ -47,6 +51,7 @@ __all__ = [
     "IA3",
     "METHODS",
     "OFT",
+    "AdaLoRA",
     "AdapterConfig",
     "AdapterLoadError",
     "AdapterNotFoundError",
@@ -55,6 +60,8 @@ __all__ = [
     "Bottleneck",
     "ConfigError",
     "DoRA",
+    "DyLoRA",
+    "IncreLoRA",
     "LayerNormTuning",
     "LoRA",
     "LowRankOptions",
@@ -62,12 +69,16 @@ __all__ = [
     "PeftkitError",
     "PromptTuning",
     "SparseFT",
+    "StepInfo",
     "TargetError",
     "activate",
     "active_names",
     "adapter_names",
     "adapter_parameters",
+    "after_backward",
+    "after_step",
     "attach",
+    "before_step",
     "compress",
     "delete",
     "disabled",
@@ -87,9 +98,11 @@ __all__ = [
     "mixed_batch",
     "read_adapters",
     "register",
+    "regularization_loss",
     "save",
     "set_trainable",
     "summary",
+    "training_hooks",
     "unload",
     "unmerge",
     "write_adapters",

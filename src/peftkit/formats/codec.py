@@ -42,6 +42,8 @@ class HFCodec:
     * ``export(state, layer)``: the layer's state as written (when it is not a renaming only).
     * ``shared_names``: peftkit shared tensor name → peft's full key.
     * ``module_level``: False for prompt-learning methods, whose keys carry no module path.
+    * ``from_file(state)``: the state as read → the state the method's modules hold, where peft
+      stores it in another shape (AdaLoRA's pruned triplets dropped from the file). Default: as read.
     """
 
     peft_type: str
@@ -55,6 +57,7 @@ class HFCodec:
     export: Callable[[dict[str, torch.Tensor], dict[str, Any]], dict[str, torch.Tensor]] | None = None
     shared_names: Mapping[str, str] = field(default_factory=dict)
     module_level: bool = True
+    from_file: Callable[[Any], Any] | None = None
 
     def names_for(self, layer: dict[str, Any]) -> Mapping[str, str]:
         if callable(self.write_names):

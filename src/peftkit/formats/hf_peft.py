@@ -99,7 +99,8 @@ def read(reader: FolderReader, name: str | None = None) -> AdapterState:
         tensors = {codec.read_names.get(k, k): t for k, t in raw.items()}
         return AdapterState(name, config, None, tensors, shared, {}, base)
     targets, tensors = _split_by_module(raw, codec, source)
-    return AdapterState(name, config, targets, tensors, shared, {}, base)
+    state = AdapterState(name, config, targets, tensors, shared, {}, base)
+    return codec.from_file(state) if codec.from_file is not None else state
 
 
 def _read_tensors(reader: FolderReader) -> dict[str, torch.Tensor]:

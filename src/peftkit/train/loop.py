@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core import hooks
 from ..core.api import adapter_parameters
 from ..core.errors import ConfigError, did_you_mean
 from ..core.sharding import full_state, scalar
@@ -183,6 +184,10 @@ class _Run:
         micro = [distributed.shard(batches[i], info) for i in range(s["pos"], end)]
         micro = [_to_device(b, self.device) for b in micro if b is not None]
         loss_sum, tokens = 0.0, 0
+        step, total, model = s["step"], self.total, self.model
+        scheduled = bool(hooks.training_hooks(model))  # AdaLoRA, DyLoRA, ...: see peftkit.core.hooks
+        if scheduled:
+            hooks.before_step(model, step, total, self.optimizer)
         for i, b in enumerate(micro):
             last = i == len(micro) - 1
             if self.sharded:
@@ -190,9 +195,12 @@ class _Run:
             sync = contextlib.nullcontext() if not info.enabled or self.sharded or last else self.net.no_sync()
             with sync:
                 loss = _loss(self.net(**b))
-                (loss / len(micro)).backward()
+                reg = hooks.regularization_loss(model, step, total) if scheduled else 0.0
+                ((loss + reg) / len(micro)).backward()
             loss_sum += loss.item()
             tokens += _count_tokens(b)
+        if scheduled:
+            hooks.after_backward(model, step, total, self.optimizer)
         if config.max_grad_norm is not None:
             grad_norm = scalar(torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm))
         else:
@@ -200,6 +208,8 @@ class _Run:
         lr = self.optimizer.param_groups[0]["lr"]
         if micro:
             self.optimizer.step()
+        if scheduled:
+            hooks.after_step(model, step, total, self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         s["step"] += 1
