@@ -32,6 +32,7 @@ from .core.model import active_names, adapter_names
 from .core.registry import METHODS, get_method, method_table, register
 from .core.state import load, save
 from .core.summary import summary
+from .methods.boft import BOFT
 from .methods.bottleneck import Bottleneck
 from .methods.dora import DoRA
 from .methods.ia3 import IA3
@@ -42,6 +43,7 @@ from .methods.selection import BitFit, LayerNormTuning
 from .methods.sparse import SparseFT, fish_scores
 
 __all__ = [
+    "BOFT",
     "IA3",
     "METHODS",
     "OFT",
