@@ -38,6 +38,7 @@ from .methods.dora import DoRA
 from .methods.ia3 import IA3
 from .methods.lora import LoRA, lora_plus_param_groups
 from .methods.oft import OFT
+from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
 from .methods.selection import BitFit, LayerNormTuning
 from .methods.sparse import SparseFT, fish_scores
@@ -58,6 +59,7 @@ __all__ = [
     "LoRA",
     "NotMergeableError",
     "PeftkitError",
+    "PrefixTuning",
     "PromptTuning",
     "SparseFT",
     "TargetError",
