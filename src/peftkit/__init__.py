@@ -42,12 +42,14 @@ from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
 from .methods.selection import BitFit, LayerNormTuning
 from .methods.sparse import SparseFT, fish_scores
+from .methods.ssf import SSF
 
 __all__ = [
     "BOFT",
     "IA3",
     "METHODS",
     "OFT",
+    "SSF",
     "AdapterConfig",
     "AdapterLoadError",
     "AdapterNotFoundError",
