@@ -38,6 +38,7 @@ from .methods.dora import DoRA
 from .methods.ia3 import IA3
 from .methods.lora import LoRA, lora_plus_param_groups
 from .methods.oft import OFT
+from .methods.parallel_adapter import MAM
 from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
 from .methods.selection import BitFit, LayerNormTuning
@@ -47,6 +48,7 @@ from .methods.ssf import SSF
 __all__ = [
     "BOFT",
     "IA3",
+    "MAM",
     "METHODS",
     "OFT",
     "SSF",
