@@ -49,7 +49,9 @@ from ..core.config import AdapterConfig, positive_int, probability
 from ..core.errors import ConfigError
 from ..core.layers import CONV2D, HF_CONV1D, LINEAR, as_matrix, from_matrix, layer_kind
 from ..core.registry import register
-from .oft import OFT_DEFAULT_TARGETS, _dim_words, cayley, rotated_dim
+from ..core.targets import ATTENTION_QV
+from ..formats.codec import HFCodec
+from .oft import _dim_words, cayley, rotated_dim
 
 DEFAULT_BLOCK_SIZE = 4  # peft's default boft_block_size
 
@@ -72,7 +74,7 @@ class BOFT(AdapterConfig):
     paper = "Liu et al. 2024 (arXiv:2311.06243); peft's BOFT conventions"
     formula = "s ⊙ (W Mᵀ x), M = Π_i P_i diag(R_i) P_iᵀ butterfly-orthogonal (Cayley); R, s"
     supported_layers = (LINEAR, HF_CONV1D, CONV2D)
-    default_targets = OFT_DEFAULT_TARGETS
+    default_targets = ATTENTION_QV  # peft's BOFT targets LoRA's defaults
 
     boft_block_size: int | None = None
     boft_block_num: int | None = None
@@ -264,6 +266,9 @@ class BOFTLayer(AdapterModule):
         folded = self._folded(base, w, self.dense(self.blocks().detach().double()), self.scale().detach().double())
         return (folded - w.double()).to(w.dtype)
 
+    def layer_facts(self) -> dict[str, Any]:
+        return {"no_hf_reason": self.no_hf_reason} if self.no_hf_reason else {}
+
     def extra_repr(self) -> str:
         drop = f", dropout={self.dropout}" if self.dropout else ""
         return f"method=boft, factors={self.factors}, blocks={self.nblocks}x{self.block_size}{drop}"
@@ -292,11 +297,14 @@ def boft_from_hf(d: dict[str, Any]) -> BOFT:
             raise ConfigError(f"peft option {key}={d[key]!r} is not supported by peftkit's BOFT")
     if d.get("bias", "none") != "none":
         raise ConfigError(f"peft option bias={d['bias']!r} is not supported by peftkit's BOFT; use 'none'")
+    if d.get("fan_in_fan_out"):
+        raise ConfigError("peft option fan_in_fan_out=True (BOFT on transformers Conv1D) has no peft implementation; "
+                          "refusing to load it")
     return BOFT(
-        boft_block_size=int(d.get("boft_block_size", 0) or 0) or None,
-        boft_block_num=int(d.get("boft_block_num", 0) or 0) or None,
-        boft_n_butterfly_factor=int(d.get("boft_n_butterfly_factor", 1)),
-        boft_dropout=float(d.get("boft_dropout", 0.0)),
+        boft_block_size=d.get("boft_block_size") or None,
+        boft_block_num=d.get("boft_block_num") or None,
+        boft_n_butterfly_factor=d.get("boft_n_butterfly_factor", 1),
+        boft_dropout=d.get("boft_dropout", 0.0),
         target_modules=d.get("target_modules"),
     )
 
@@ -317,24 +325,19 @@ def boft_to_hf(config: BOFT) -> dict[str, Any]:
     }
 
 
-def _boft_export(mod: BOFTLayer) -> dict[str, torch.Tensor]:
-    if mod.no_hf_reason:
-        raise ConfigError(f"{mod.no_hf_reason}, so this BOFT adapter has no Hugging Face PEFT form; "
+def _boft_export(state: dict[str, torch.Tensor], layer: dict[str, Any]) -> dict[str, torch.Tensor]:
+    if layer.get("no_hf_reason"):
+        raise ConfigError(f"{layer['no_hf_reason']}, so this BOFT adapter has no Hugging Face PEFT form; "
                           "save it with format='peftkit'")
-    return {"boft_R": mod.boft_R.detach(), "boft_s": mod.boft_s.detach()}
+    return {"boft_R": state["boft_R"], "boft_s": state["boft_s"]}
 
 
-def _register_hf() -> None:
-    from ..formats.hf_peft import HFCodec, register_codec
-
-    register_codec(HFCodec(
-        method="boft",
-        peft_type="BOFT",
-        config_to_hf=lambda c, targets: boft_to_hf(c),
-        config_from_hf=boft_from_hf,
-        tensor_names={"boft_R": "boft_R", "boft_s": "boft_s"},
-        export=_boft_export,
-    ))
-
-
-_register_hf()
+BOFT.hf_codec = HFCodec(
+    peft_type="BOFT",
+    config_to_hf=lambda c, targets: boft_to_hf(c),
+    config_from_hf=boft_from_hf,
+    read_names={"boft_R": "boft_R", "boft_s": "boft_s"},
+    options=frozenset({"boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "boft_dropout", "bias",
+                       "fan_in_fan_out", "init_weights", "layers_to_transform", "layers_pattern", "modules_to_save"}),
+    export=_boft_export,
+)

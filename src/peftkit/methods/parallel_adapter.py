@@ -35,9 +35,11 @@ from torch import nn
 
 from ..core.layers import EMBEDDING, layer_kind
 from ..core.registry import register
-from .bottleneck import BOTTLENECK_DEFAULT_TARGETS, Bottleneck, BottleneckLayer
+from ..core.targets import BOTTLENECK_DEFAULT_TARGETS
+from ..formats.codec import HFCodec
+from .bottleneck import Bottleneck, BottleneckLayer
 from .prefix import PrefixEncoder, PrefixTuning
-from .prompt import DEFAULT_TARGETS as INPUT_EMBEDDING
+from .prompt import DEFAULT_TARGETS as INPUT_EMBEDDING  # with the generic fallback for other families
 
 
 class _MAMTargets(dict):
@@ -71,6 +73,7 @@ class MAM(PrefixTuning):
     formula: ClassVar[str] = ("prefix P in attention + FFN(x) + s·W_up f(W_down x); P, W_down, W_up")
     supported_layers: ClassVar[tuple[str, ...] | None] = None
     default_targets: ClassVar[dict[str, list[str]]] = _MAMTargets()
+    hf_codec: ClassVar[HFCodec | None] = None  # peft has no MAM (PrefixTuning's codec is not inherited)
 
     num_virtual_tokens: int = 30
     bottleneck_size: int | None = None

@@ -54,6 +54,7 @@ from ..core.config import AdapterConfig, positive_int
 from ..core.errors import ConfigError, PeftkitError
 from ..core.layers import EMBEDDING, layer_kind
 from ..core.registry import register
+from ..formats.codec import HFCodec
 from .prompt import _NOT_INPUT, DEFAULT_TARGETS, _cache_length, _check_targets, infer_task_type
 
 INITS = (None, "zero")
@@ -115,6 +116,7 @@ class PrefixTuning(AdapterConfig):
     def resolve(self, model: nn.Module, module_names: list[str]) -> PrefixTuning:
         out = copy.copy(self)
         out.__dict__.update(kv_facts(model) or {})  # num_layers, num_kv_heads, head_dim: from the model, not saved
+        out.__dict__["task_type"] = infer_task_type(model)  # for the Hugging Face export
         return out
 
     def build(self, base: nn.Module, module_name: str) -> PrefixEncoder:
@@ -217,7 +219,6 @@ class PrefixEncoder(AdapterModule):
             p for p in inspect.signature(model.forward).parameters.values()
             if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
         self.__dict__["_hook"] = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-        self.config.__dict__["task_type"] = infer_task_type(model)  # for the Hugging Face export
 
     def on_detach(self) -> None:
         if self._hook is not None:
@@ -293,8 +294,7 @@ class PrefixEncoder(AdapterModule):
 # -- Hugging Face PEFT format ------------------------------------------------------------------
 def prefix_tuning_to_hf(config: PrefixTuning) -> dict[str, Any]:
     d = config.kv_width
-    task = config.__dict__.get("task_type")
-    return {
+    out = {
         "num_virtual_tokens": config.num_virtual_tokens,
         "token_dim": d,
         "num_transformer_submodules": 1,
@@ -303,12 +303,14 @@ def prefix_tuning_to_hf(config: PrefixTuning) -> dict[str, Any]:
         "encoder_hidden_size": config.encoder_hidden_size or d,
         "prefix_projection": config.prefix_projection,
         "init_weights": config.init_weights,
-        # peft's SEQ_CLS/TOKEN_CLS/QUESTION_ANS models expect a trained copy of the head in the file
-        # (modules_to_save) and their forward cannot pass a cache to transformers 5 encoders; FEATURE_EXTRACTION
-        # passes the same prefix to the same model
-        "task_type": "CAUSAL_LM" if task == "CAUSAL_LM" else "FEATURE_EXTRACTION",
         "modules_to_save": None,
     }
+    task = config.__dict__.get("task_type")
+    if task is not None:
+        # peft's SEQ_CLS/TOKEN_CLS/QUESTION_ANS models expect a trained copy of the head in the file (modules_to_save)
+        # and cannot pass a cache to transformers 5 encoders; FEATURE_EXTRACTION passes the same prefix to the model
+        out["task_type"] = "CAUSAL_LM" if task == "CAUSAL_LM" else "FEATURE_EXTRACTION"
+    return out
 
 
 def prefix_tuning_from_hf(d: dict[str, Any]) -> PrefixTuning:
@@ -318,26 +320,32 @@ def prefix_tuning_from_hf(d: dict[str, Any]) -> PrefixTuning:
         raise ConfigError(f"peft option modules_to_save={d['modules_to_save']!r} (a trained copy of the head, which peft "
                           "adds for SEQ_CLS) is not supported by peftkit's PrefixTuning; the model's own head stays frozen")
     # the file holds the flattened prefix (the MLP's output when prefix_projection was used)
-    return PrefixTuning(num_virtual_tokens=int(d["num_virtual_tokens"]), prefix_projection=False,
-                        init_weights=d.get("init_weights"))
+    config = PrefixTuning(num_virtual_tokens=d["num_virtual_tokens"], prefix_projection=False,
+                          init_weights=d.get("init_weights"))
+    heads, width = d.get("num_attention_heads"), d.get("token_dim")
+    if d.get("num_layers") and heads and width:  # the layout, until the config is resolved against a model
+        config.__dict__.update(num_layers=d["num_layers"], num_kv_heads=heads, head_dim=width // heads)
+    return config
 
 
-def _prefix_export(mod: PrefixEncoder) -> dict[str, torch.Tensor]:
-    return {"prompt_embeddings": mod.flat().detach().float()}
+def _prefix_export(state: dict[str, torch.Tensor], layer: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """peft's ``prompt_embeddings``: the flattened prefix (the MLP evaluated when there is one)."""
+    if "prefix" in state:
+        return {"prefix": state["prefix"]}
+    with torch.no_grad():
+        hidden = torch.tanh(nn.functional.linear(state["embedding"].float(), state["transform.0.weight"].float(),
+                                                 state["transform.0.bias"].float()))
+        flat = nn.functional.linear(hidden, state["transform.2.weight"].float(), state["transform.2.bias"].float())
+    return {"prefix": flat}
 
 
-def _register_hf() -> None:
-    from ..formats.hf_peft import HFCodec, register_codec
-
-    register_codec(HFCodec(
-        method="prefix_tuning",
-        peft_type="PREFIX_TUNING",
-        config_to_hf=lambda c, targets: prefix_tuning_to_hf(c),
-        config_from_hf=prefix_tuning_from_hf,
-        tensor_names={"prompt_embeddings": "prompt_embeddings", "prefix": "prompt_embeddings"},
-        module_level=False,
-        export=_prefix_export,
-    ))
-
-
-_register_hf()
+PrefixTuning.hf_codec = HFCodec(
+    peft_type="PREFIX_TUNING",
+    config_to_hf=lambda c, targets: prefix_tuning_to_hf(c),
+    config_from_hf=prefix_tuning_from_hf,
+    read_names={"prompt_embeddings": "prefix"},
+    options=frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
+                       "num_layers", "encoder_hidden_size", "prefix_projection", "init_weights", "modules_to_save"}),
+    module_level=False,
+    export=_prefix_export,
+)

@@ -18,7 +18,8 @@ bias (Llama's projections) gets one when merged (``b′ = β``); unmerging remov
 the module exactly as it was (``W = diag(1/γ) W′``, ``b = (b′ − β)/γ``).
 
 Layers: ``nn.Linear``, transformers' ``Conv1D``, ``nn.Conv1d``/``nn.Conv2d`` and ``nn.LayerNorm``.
-Default targets: every linear layer of the blocks (``"all-linear"``). No Hugging Face PEFT form
+Default targets: every linear layer but the output head (``"all-linear"``, for the model families of
+:data:`peftkit.core.targets.ALL_LINEAR`). No Hugging Face PEFT form
 (peft has no SSF; its closest relative, IA3, has no shift).
 """
 
@@ -34,16 +35,9 @@ from ..core.adapter import AdapterModule
 from ..core.config import AdapterConfig
 from ..core.layers import CONV1D, CONV2D, HF_CONV1D, LINEAR, as_matrix, from_matrix, layer_info, layer_kind
 from ..core.registry import register
-from ..core.targeting import ALL_LINEAR
+from ..core.targets import ALL_LINEAR
 
 LAYER_NORM = "layer_norm"
-
-
-class _AllLinear(dict):
-    """``model_type → ["all-linear"]`` for every model family."""
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        return [ALL_LINEAR]
 
 
 def _kind(base: nn.Module) -> str:
@@ -60,7 +54,7 @@ class SSF(AdapterConfig):
     paper = "Lian et al. 2022 (arXiv:2210.08823)"
     formula = "γ ⊙ f(x) + β per output channel; γ, β"
     supported_layers = (LINEAR, HF_CONV1D, CONV1D, CONV2D, LAYER_NORM)  # LayerNorm: recognised in check_layer
-    default_targets = _AllLinear()
+    default_targets = ALL_LINEAR  # every linear layer but the head
 
     def check_layer(self, base: nn.Module, module_name: str) -> str | None:
         kind = _kind(base)
