@@ -71,7 +71,8 @@ class MAM(PrefixTuning):
     family: ClassVar[str] = "adapter"
     paper: ClassVar[str] = "He et al. 2022 (arXiv:2110.04366)"
     formula: ClassVar[str] = ("prefix P in attention + FFN(x) + s·W_up f(W_down x); P, W_down, W_up")
-    supported_layers: ClassVar[tuple[str, ...] | None] = None
+    #: for the method table: the prefix sits on the input embedding, the adapters on feed-forward blocks
+    supported_layers: ClassVar[tuple[str, ...] | None] = ("embedding", "feed-forward block or linear")
     default_targets: ClassVar[dict[str, list[str]]] = _MAMTargets()
     hf_codec: ClassVar[HFCodec | None] = None  # peft has no MAM (PrefixTuning's codec is not inherited)
 
