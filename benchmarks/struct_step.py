@@ -72,7 +72,7 @@ def rss_child(lib: str, method: str, steps: int) -> None:
     print(json.dumps({"peak_rss_mb": C.current_peak_rss_mb(), "rss_before_mb": before}))
 
 
-def peak_rss(lib: str, method: str, steps: int = 3) -> dict[str, float]:
+def peak_rss(lib: str, method: str, steps: int = 2) -> dict[str, float]:
     out = subprocess.run([sys.executable, __file__, "--rss-child", lib, "--method", method, "--steps", str(steps)],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
