@@ -10,7 +10,8 @@ the ratio of median step times. Memory: the bytes autograd saves for backward du
 (deterministic; parameters excluded), and the peak resident memory of a separate process per
 library doing the same steps.
 
-    python benchmarks/struct_step.py [--method boft|prefix_tuning|all] [--steps 8] [--json out.json]
+    python benchmarks/struct_step.py [--method boft|prefix_tuning|all] [--steps 8] [--warmup 2] [--no-rss]
+                                     [--json out.json]
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def peak_rss(lib: str, method: str, steps: int = 2) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(method: str, steps: int = 8) -> dict[str, float]:
+def run(method: str, steps: int = 8, warmup: int = 2, rss: bool = True) -> dict[str, float]:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' past_key_values deprecation (peft)
@@ -88,30 +89,33 @@ def run(method: str, steps: int = 8) -> dict[str, float]:
     assert trainable["peftkit"] == trainable["peft"], trainable  # the same adapter on both sides
     batch = C.token_batch(4, 128, models["peft"].config.vocab_size)
     fns = {lib: C.train_step_fn(m, batch) for lib, m in models.items()}
-    times = C.alternate(fns, steps)
+    times = C.alternate(fns, steps, warmup=warmup)
     saved = {}
     for lib, m in models.items():
         m.train()
         saved[lib] = C.saved_activation_bytes(lambda m=m: m(**batch).loss, m)
-    rss = {lib: peak_rss(lib, method) for lib in BUILDERS}
     res = {
         "trainable_params": float(trainable["peftkit"]),
         "peftkit_step_s": C.median(times["peftkit"]),
         "peft_step_s": C.median(times["peft"]),
         "saved_mb_peftkit": saved["peftkit"] / 2**20,
         "saved_mb_peft": saved["peft"] / 2**20,
-        "peak_rss_mb_peftkit": rss["peftkit"]["peak_rss_mb"],
-        "peak_rss_mb_peft": rss["peft"]["peak_rss_mb"],
     }
     res["time_ratio"] = res["peftkit_step_s"] / res["peft_step_s"]
     res["saved_memory_ratio"] = res["saved_mb_peftkit"] / res["saved_mb_peft"]
-    res["peak_rss_ratio"] = res["peak_rss_mb_peftkit"] / res["peak_rss_mb_peft"]
+    if rss:
+        peaks = {lib: peak_rss(lib, method) for lib in BUILDERS}
+        res["peak_rss_mb_peftkit"] = peaks["peftkit"]["peak_rss_mb"]
+        res["peak_rss_mb_peft"] = peaks["peft"]["peak_rss_mb"]
+        res["peak_rss_ratio"] = res["peak_rss_mb_peftkit"] / res["peak_rss_mb_peft"]
     return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes (they load the model again)")
     ap.add_argument("--method", default="all", choices=[*METHODS, "all"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--rss-child", default=None, choices=list(BUILDERS))
@@ -121,7 +125,7 @@ def main() -> None:
         return
     results = {}
     for method in (METHODS if a.method == "all" else (a.method,)):
-        res = run(method, a.steps)
+        res = run(method, a.steps, a.warmup, rss=not a.no_rss)
         results[method] = res
         C.report(f"{method} training step vs peft, SmolLM2-135M, batch 4x128, 2 threads",
                  [(k, f"{v:.4f}") for k, v in res.items()])
