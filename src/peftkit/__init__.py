@@ -36,6 +36,7 @@ from .core.summary import summary
 from .io import load, read_adapters, save, write_adapters
 from .merging import extract_lora, learn_coefficients, merge_adapters, merge_checkpoints
 from .methods.adalora import AdaLoRA
+from .methods.boft import BOFT
 from .methods.bottleneck import Bottleneck
 from .methods.dora import DoRA
 from .methods.dylora import DyLoRA
@@ -43,14 +44,20 @@ from .methods.ia3 import IA3
 from .methods.increlora import IncreLoRA
 from .methods.lora import LoRA, lora_plus_param_groups
 from .methods.oft import OFT
+from .methods.parallel_adapter import MAM
+from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
 from .methods.selection import BitFit, LayerNormTuning
 from .methods.sparse import SparseFT, fish_scores
+from .methods.ssf import SSF
 
 __all__ = [
+    "BOFT",
     "IA3",
+    "MAM",
     "METHODS",
     "OFT",
+    "SSF",
     "AdaLoRA",
     "AdapterConfig",
     "AdapterLoadError",
@@ -67,6 +74,7 @@ __all__ = [
     "LowRankOptions",
     "NotMergeableError",
     "PeftkitError",
+    "PrefixTuning",
     "PromptTuning",
     "SparseFT",
     "StepInfo",
