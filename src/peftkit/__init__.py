@@ -35,6 +35,9 @@ from .core.summary import summary
 from .methods.bottleneck import Bottleneck
 from .methods.dora import DoRA
 from .methods.ia3 import IA3
+from .methods.kradapter import KRAdapter
+from .methods.loha import LoHa
+from .methods.lokr import LoKr
 from .methods.lora import LoRA, lora_plus_param_groups
 from .methods.oft import OFT
 from .methods.prompt import PromptTuning
@@ -43,6 +46,7 @@ from .methods.sparse import SparseFT, fish_scores
 
 __all__ = [
     "IA3",
+    "KRAdapter",
     "METHODS",
     "OFT",
     "AdapterConfig",
@@ -53,6 +57,8 @@ __all__ = [
     "ConfigError",
     "DoRA",
     "LayerNormTuning",
+    "LoHa",
+    "LoKr",
     "LoRA",
     "NotMergeableError",
     "PeftkitError",

@@ -1,0 +1,94 @@
+"""What LoHa and LoKr share (the LyCORIS family, peft's ``LycorisTuner``): dropouts, conv calls, peft options.
+
+Both methods build a dense ``ΔW`` from small trained factors and add ``ΔW x`` to the frozen
+layer's output. Two regularisers act in training only (peft 0.21.2 semantics):
+
+* ``rank_dropout = p``: each output row of ``ΔW`` is kept with probability ``1 − p``
+  (``ΔW ← diag(m) ΔW``, ``m_i ~ Bernoulli(1 − p)``), and the mask is divided by its mean
+  (LoHa always, LoKr when ``rank_dropout_scale``);
+* ``module_dropout = p``: the whole adapter is skipped for a step with probability ``p``.
+
+The layers are ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (peft's set); a convolution uses
+``ΔW`` reshaped to the kernel, with the base layer's stride, padding, dilation and groups.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.config import probability
+from ..core.errors import ConfigError
+from ..core.layers import CONV1D, CONV2D, layer_kind
+
+
+def check_dropouts(owner: str, rank_dropout: Any, module_dropout: Any) -> None:
+    probability(owner, "rank_dropout", rank_dropout)
+    probability(owner, "module_dropout", module_dropout)
+
+
+def check_conv(method: str, base: nn.Module) -> str | None:
+    if layer_kind(base) in (CONV1D, CONV2D) and base.padding_mode != "zeros":
+        return f"padding_mode={base.padding_mode!r} is not supported by {method}"
+    return None
+
+
+def skip_module(module: nn.Module, module_dropout: float) -> bool:
+    """True when module dropout drops the whole adapter for this call (training only)."""
+    return module.training and module_dropout > 0 and bool(torch.rand(1) <= module_dropout)
+
+
+def rank_mask(n_out: int, p: float, scale: bool, like: torch.Tensor) -> torch.Tensor:
+    """The rank-dropout mask over output rows (divided by its mean when ``scale``), shape ``(n_out,)``."""
+    keep = (torch.rand(n_out) > p).to(device=like.device, dtype=like.dtype)
+    if scale:
+        keep = keep / keep.mean()  # all rows dropped gives NaN, as in peft
+    return keep
+
+
+def conv_delta(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``ΔW * x`` with the base convolution's geometry (``weight`` laid out like ``base.weight``)."""
+    conv = F.conv2d if layer_kind(base) == CONV2D else F.conv1d
+    return conv(x, weight, None, base.stride, base.padding, base.dilation, base.groups)
+
+
+def lycoris_options_from_hf(d: dict[str, Any], owner: str) -> dict[str, Any]:
+    """The options LoHa and LoKr share, from a peft config dict (peft-only options refused by name)."""
+    if d.get("layers_to_transform") is not None or d.get("layers_pattern"):
+        raise ConfigError(f"peft option layers_to_transform/layers_pattern is not supported by peftkit's {owner}; "
+                          "list the modules in target_modules instead")
+    if d.get("modules_to_save"):
+        raise ConfigError(f"peft option modules_to_save={d['modules_to_save']!r} is not supported by peftkit's {owner}")
+    init = d.get("init_weights", True)
+    if init not in (True, False) and owner != "LoKr":
+        raise ConfigError(f"peft init_weights={init!r} is not supported by peftkit's {owner}")
+    return {
+        "r": int(d.get("r", 8)),
+        "alpha": d.get("alpha", 8),
+        "rank_dropout": float(d.get("rank_dropout", 0.0) or 0.0),
+        "module_dropout": float(d.get("module_dropout", 0.0) or 0.0),
+        "use_effective_conv2d": bool(d.get("use_effective_conv2d", False)),
+        "rank_pattern": dict(d.get("rank_pattern") or {}),
+        "alpha_pattern": dict(d.get("alpha_pattern") or {}),
+        "target_modules": d.get("target_modules"),
+        "exclude_modules": d.get("exclude_modules"),
+    }
+
+
+def lycoris_options_to_hf(config: Any) -> dict[str, Any]:
+    return {
+        "r": config.r,
+        "alpha": config.alpha,
+        "rank_dropout": config.rank_dropout,
+        "module_dropout": config.module_dropout,
+        "use_effective_conv2d": config.use_effective_conv2d,
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "init_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "modules_to_save": None,
+    }
