@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoHaConfig, get_peft_model
 
 import peftkit
-from peftkit.methods.loha import HadamardLinear, cp_hadamard_weight
+from peftkit.methods.loha import FusedHadamardLinear, HadamardLinear, cp_hadamard_weight
 
 from .lycoris_helpers import assert_same_forward_and_gradients
 from .models import MODELS
@@ -73,6 +74,10 @@ def test_hadamard_function_gradients_match_autograd():
     x = torch.randn(2, 5, 7, dtype=torch.double, generator=g, requires_grad=True)
     ws = [torch.randn(s, dtype=torch.double, generator=g, requires_grad=True) for s in ((6, 3), (3, 7), (6, 3), (3, 7))]
     assert torch.autograd.gradcheck(lambda x, *w: HadamardLinear.apply(x, *w, 0.7), (x, *ws))
+    w, b = torch.randn(6, 7, dtype=torch.double, generator=g), torch.randn(6, dtype=torch.double, generator=g)
+    assert torch.autograd.gradcheck(lambda x, *f: FusedHadamardLinear.apply(x, w, b, *f, 0.7), (x, *ws))
+    ref = F.linear(x, w, b) + HadamardLinear.apply(x, *ws, 0.7)
+    assert torch.allclose(FusedHadamardLinear.apply(x, w, b, *ws, 0.7), ref)
 
 
 def test_peft_cp_backward_is_not_the_gradient_ours_is():

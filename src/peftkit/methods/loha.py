@@ -17,9 +17,10 @@ form ``ΔW1 = T1 ×₁ W1a ×₂ W1b`` with a trained core ``T1 ∈ R^{r×r×k_h
 Matches peft 0.21.2's ``LoHaConfig`` (``hada_w1_a`` ... ``hada_t2`` tensors, same init,
 ``rank_dropout``/``module_dropout`` semantics, see :mod:`peftkit.methods.lycoris`).
 
-Linear layers run ``ΔW x`` through one autograd node that keeps only ``x`` and the factors
-for backward and rebuilds the two ``out×in`` products there (peft's LoHa keeps ``ΔW`` too),
-so the step's saved memory is that of the base layer plus the factors.
+Linear layers never keep ``ΔW`` for backward: one autograd node keeps ``x`` and the factors and
+rebuilds the two ``out×in`` products in backward (peft keeps ``ΔW`` too). When the adapter runs
+alone on a plain ``nn.Linear`` without active dropout, base and adapter are one product
+``x (W + ΔW)ᵀ + b`` (one pass over the tokens forward, two backward, instead of two and three).
 """
 
 from __future__ import annotations
@@ -132,6 +133,22 @@ class LoHaLayer(AdapterModule):
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         return self.delta_weight_tensor()
 
+    def fused_forward(self, x: torch.Tensor, site: Any) -> torch.Tensor | None:
+        """Base and adapter as one product ``x (W + ΔW)ᵀ + b`` for a plain linear layer when no dropout
+        is active and the dtypes agree (None otherwise: the general path)."""
+        base = site.base
+        ref = self.hada_w1_a
+        if type(base) is not nn.Linear or self.cp:
+            return None
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return None  # the fused node gives no gradient to the base layer
+        if self.training and (self.rank_dropout > 0 or self.module_dropout > 0):
+            return None
+        if x.dtype != ref.dtype or base.weight.dtype != ref.dtype or x.device != ref.device:
+            return None
+        return FusedHadamardLinear.apply(x, base.weight, base.bias, self.hada_w1_a, self.hada_w1_b, self.hada_w2_a,
+                                         self.hada_w2_b, self.scaling)
+
     # -- forward -------------------------------------------------------------------------
     def adapt_output(self, x: torch.Tensor, y: torch.Tensor, base_out: Any, site: Any) -> torch.Tensor:
         if skip_module(self, self.module_dropout):
@@ -187,3 +204,33 @@ class HadamardLinear(torch.autograd.Function):
         t = gw.mul_(p1)
         grad_w2a, grad_w2b = torch.mm(t, w2b.t()), torch.mm(w2a.t(), t)
         return grad_x, grad_w1a, grad_w1b, grad_w2a, grad_w2b, None
+
+
+class FusedHadamardLinear(torch.autograd.Function):
+    """``x (W + ΔW)ᵀ + b`` with ``ΔW = s (W1a W1b) ⊙ (W2a W2b)``: one product over the tokens forward and
+    two backward (instead of two and three when base and adapter run apart). Keeps ``x`` and the
+    factors; ``W`` (frozen) is read again in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, w1a: torch.Tensor,
+                w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, scale: float) -> torch.Tensor:
+        merged = torch.mm(w1a, w1b).mul_(torch.mm(w2a, w2b)).mul_(scale).add_(w)
+        ctx.save_for_backward(x, w, w1a, w1b, w2a, w2b)
+        ctx.scale = scale
+        return F.linear(x, merged, bias)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w, w1a, w1b, w2a, w2b = ctx.saved_tensors
+        s = ctx.scale
+        p1, p2 = torch.mm(w1a, w1b), torch.mm(w2a, w2b)
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g2, (p1 * p2).mul_(s).add_(w)).view(x.shape)
+        gw = torch.mm(g2.t(), x.reshape(-1, x.shape[-1])).mul_(s)
+        t = gw * p2
+        grad_w1a, grad_w1b = torch.mm(t, w1b.t()), torch.mm(w1a.t(), t)
+        t = gw.mul_(p1)
+        grad_w2a, grad_w2b = torch.mm(t, w2b.t()), torch.mm(w2a.t(), t)
+        return grad_x, None, None, grad_w1a, grad_w1b, grad_w2a, grad_w2b, None

@@ -11,7 +11,10 @@ where ``C`` is a full matrix (``lokr_w1``) unless ``decompose_both`` and ``r < m
 the full ``lokr_w2``). ``rank(C ⊗ M) = rank(C)·rank(M)``. At init ``C = 0`` (``W1a = 0``), so
 ``ΔW = 0``; ``W``, ``b`` are frozen and the factors train. Convolutions: ``M`` carries the kernel
 (``b×d×k…``; with ``use_effective_conv2d`` a CP core ``lokr_t2`` and ``W2a ∈ R^{r×b}``,
-``W2b ∈ R^{r×d}``), and ``C ⊗ M`` is laid out like the kernel.
+``W2b ∈ R^{r×d}``), and ``C ⊗ M`` is laid out like the kernel. (One exception kept for file
+compatibility: a Conv1d with a full ``lokr_w2`` of shape ``b×d×k`` goes through ``torch.kron`` with
+the 2-D ``C`` as peft 0.21.2 does, which lays the product out differently; the update is still
+``s·C ⊗ M`` up to that fixed permutation of entries.)
 
 Linear layers never build ``ΔW``: with ``x`` viewed as ``X ∈ R^{c×d}`` (row-major, so
 ``in = p·d + q``), ``(C ⊗ M) x = vec(C X Mᵀ)``, which costs ``c·d·b + a·c·b`` per token
