@@ -4,8 +4,8 @@
     model = peftkit.attach(model, peftkit.LoRA(r=16, alpha=32, target_modules=["q_proj", "v_proj"]))
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__ as __version__
+from .core.adapter_state import AdapterState, extract, install
 from .core.api import (
     activate,
     adapter_parameters,
@@ -19,7 +19,7 @@ from .core.api import (
     unload,
     unmerge,
 )
-from .core.config import AdapterConfig
+from .core.config import AdapterConfig, LowRankOptions
 from .core.errors import (
     AdapterLoadError,
     AdapterNotFoundError,
@@ -30,8 +30,8 @@ from .core.errors import (
 )
 from .core.model import active_names, adapter_names
 from .core.registry import METHODS, get_method, method_table, register
-from .core.state import load, save
 from .core.summary import summary
+from .io import load, read_adapters, save, write_adapters
 from .methods.bottleneck import Bottleneck
 from .methods.dora import DoRA
 from .methods.ia3 import IA3
@@ -52,6 +52,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterLoadError",
     "AdapterNotFoundError",
+    "AdapterState",
     "BitFit",
     "Bottleneck",
     "ConfigError",
@@ -60,6 +61,7 @@ __all__ = [
     "LoHa",
     "LoKr",
     "LoRA",
+    "LowRankOptions",
     "NotMergeableError",
     "PeftkitError",
     "PromptTuning",
@@ -72,18 +74,22 @@ __all__ = [
     "attach",
     "delete",
     "disabled",
+    "extract",
     "fish_scores",
     "get_adapter",
     "get_method",
+    "install",
     "load",
     "lora_plus_param_groups",
     "merge",
     "method_table",
     "mixed_batch",
+    "read_adapters",
     "register",
     "save",
     "set_trainable",
     "summary",
     "unload",
     "unmerge",
+    "write_adapters",
 ]

@@ -142,7 +142,7 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _load_adapted(adapter: Path | None, info: dict[str, Any], model_name: str | None = None, tok: Any = None):
     """The base model (``model_name`` or the one recorded in ``info``) with the adapter of ``adapter`` loaded."""
-    from ..core.state import load
+    from ..io import load
     from ..train import load_extra
 
     task = info["task"]
@@ -202,8 +202,8 @@ def generate(args: argparse.Namespace, extra: list[str]) -> int:
     import sys
 
     from ..core.api import activate
-    from ..core.state import load
     from ..data import prompt_ids
+    from ..io import load
 
     dirs = [Path(a) for a in args.adapter]
     for d in dirs:

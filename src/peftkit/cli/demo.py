@@ -28,7 +28,9 @@ def reversal_rows(n: int, seed: int) -> list[dict[str, str]]:
 
 
 def run_demo(output: Path, steps: int = 100, model_name: str = "smollm2-135m", held_out: int = 30) -> int:
-    from .. import LoRA, attach, summary
+    from ..core.api import attach
+    from ..core.summary import summary
+    from ..methods.lora import LoRA
     from ..train import TrainConfig, train
     from . import tasks
 

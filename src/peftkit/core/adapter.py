@@ -20,6 +20,16 @@ that wraps the layer calls the hooks below; a method overrides only those it nee
 * ``on_attach(model, site)`` / ``on_detach()`` — model-level hooks (prompt tuning).
 * ``fused_forward(x, site)`` — optional: the adapted output in one fused step when the adapter
   runs alone on the site (LoRA on linear layers: one autograd node for base + low-rank path).
+* ``gathered_output(site, names_per_row, x, base_out)`` — optional classmethod: a mixed batch in
+  which every running adapter of the site is of this class, computed for all rows at once (LoRA:
+  two batched products), or None to fall back to one call per group of rows.
+* ``layer_facts()`` — facts about the adapted layer that file writers need beyond its kind and
+  shape (recorded in :class:`~peftkit.core.adapter_state.AdapterState` ``layers``).
+
+State: ``state_dict()`` is what is saved. ``optional_state`` names tensors that a file may omit
+(they keep the values the module was built with: PiSSA's starting factors, which the SVD at
+build time recomputes). ``self.shared`` (set when the config defines ``build_shared``) is one
+module holding tensors shared by every layer of the adapter; it is saved once, not per layer.
 """
 
 from __future__ import annotations
@@ -47,6 +57,8 @@ class AdapterModule(nn.Module):
     unmergeable_reason: str = "the method has no weight form"
     #: False for methods whose rows cannot be mixed in one batch (they change the sequence length, ...)
     supports_mixed_batch: bool = True
+    #: state tensors a file may omit (they keep their built values)
+    optional_state: tuple[str, ...] = ()
 
     def __init__(self, config: AdapterConfig, base: nn.Module) -> None:
         super().__init__()
@@ -66,6 +78,10 @@ class AdapterModule(nn.Module):
         """Optional fast path when this adapter is the only one running on the site: the whole adapted
         output from ``x`` in one step (base included), or None to use the general pipeline."""
         return None
+
+    def layer_facts(self) -> dict[str, Any]:
+        """Facts about the adapted layer for file writers (beyond its kind and weight shape)."""
+        return {}
 
     # -- merging ---------------------------------------------------------------------
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
@@ -103,3 +119,14 @@ class AdapterModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.config.method}"
+
+
+class SharedTensors(nn.Module):
+    """Tensors shared by every layer of one adapter (frozen buffers), e.g. VeRA's seeded bases."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        for k, v in tensors.items():
+            if not k.isidentifier():
+                raise ValueError(f"shared tensor name {k!r} must be a Python identifier")
+            self.register_buffer(k, v)

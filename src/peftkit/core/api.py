@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from .adapter import AdapterModule
+from .adapter import AdapterModule, SharedTensors
 from .config import AdapterConfig
 from .errors import ConfigError, NotMergeableError, PeftkitError, TargetError
 from .layers import float_dtype_for_adapter
@@ -26,15 +26,17 @@ from .model import (
     unknown_adapter,
     validate_adapter_name,
 )
-from .site import AdapterSite
+from .site import ROW_GROUPS, AdapterSite, RowGroups
 from .targeting import display_name, resolve_targets
 
 Plan = list[tuple[str, nn.Module, AdapterModule]]
 
 
-def _model_type(model: nn.Module) -> str | None:
+def model_type(model: nn.Module) -> str | None:
+    """``model.config.model_type`` of a transformers model (``"llama"``), else None."""
     cfg = getattr(model, "config", None)
-    return getattr(cfg, "model_type", None)
+    value = getattr(cfg, "model_type", None)
+    return value if isinstance(value, str) else None
 
 
 def prepare(model: nn.Module, config: AdapterConfig, name: str, targets: Sequence[str] | None = None) -> Plan:
@@ -48,6 +50,7 @@ def prepare(model: nn.Module, config: AdapterConfig, name: str, targets: Sequenc
     validate_adapter_name(name)
     if name in adapter_names(model):
         raise ConfigError(f"an adapter named {name!r} is already attached; pick another name or delete it first")
+    config.check_types()
     config.validate()
     module_names = _module_names(model, config, targets)
     problems: list[str] = []
@@ -65,17 +68,26 @@ def prepare(model: nn.Module, config: AdapterConfig, name: str, targets: Sequenc
     if reason:
         raise TargetError(f"cannot attach {config.method}: {reason}")
     config = config.resolve(model, shown)
+    tensors = config.build_shared(model, shown)
+    shared = SharedTensors(tensors) if tensors else None
     plan: Plan = []
     for mname, base in bases:
         module = config.build(base, display_name(mname))
+        if shared is not None:
+            module.shared = shared  # one module for every layer: its tensors exist once
         _place_like(module, base)
         plan.append((mname, base, module))
     return plan
 
 
+def module_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """The module paths ``config`` selects in ``model`` (its patterns, or its defaults for the model type)."""
+    return [display_name(n) for n in _module_names(model, config, None)]
+
+
 def _module_names(model: nn.Module, config: AdapterConfig, targets: Sequence[str] | None) -> list[str]:
     if targets is None:
-        default = config.default_targets.get(_model_type(model) or "", None)
+        default = config.default_targets.get(model_type(model) or "", None)
         return resolve_targets(model, config.target_modules, config.exclude_modules, default)
     by_display: dict[str, str] = {}
     for n, m in model.named_modules():
@@ -108,26 +120,58 @@ def _place_like(module: AdapterModule, base: nn.Module) -> None:
         owner._buffers[leaf] = b.to(device=ref.device, dtype=dtype if b.is_floating_point() else b.dtype)
 
 
-def install(model: nn.Module, plan: Plan, name: str, trainable: bool = True) -> None:
-    """Insert the prepared adapter modules into sites, freeze everything else, activate ``name``."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for mname, base, module in plan:
-        parent_name, _, child = mname.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if isinstance(parent, AdapterSite) and child == "base":
-            site = parent
-        else:
-            site = AdapterSite(base)
-            replace_module(model, mname, site)
-        site.adapters[name] = module
-        module.train(model.training)  # dropout follows the model's train/eval mode
-    for _mname, _base, module in plan:
-        site = _site_holding(model, module)
-        module.on_attach(model, site)
-        for p in module.parameters():
-            p.requires_grad_(trainable)
-    _set_active(model, [name])
+def install_plan(model: nn.Module, plan: Plan, name: str, trainable: bool = True, activate: bool = True,
+                 freeze_other_adapters: bool = True) -> None:
+    """Insert prepared adapter modules into sites and freeze the base model.
+
+    ``trainable``: the new adapter's parameters train. ``freeze_other_adapters``: adapters already
+    attached are frozen too (``attach``), else they keep their flags (``load``). ``activate``: the
+    new adapter becomes the only active one. On any failure the model is restored exactly.
+    """
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    actives = [(site, list(site.active)) for _, site in iter_sites(model)]
+    active_before = active_names(model)
+    others = {id(p) for _, site in iter_sites(model) for p in site.adapters.parameters()}
+    inserted: list[tuple[str, AdapterSite, bool]] = []  # (module name, site, site created here)
+    attached: list[AdapterModule] = []
+    try:
+        for p in model.parameters():
+            if freeze_other_adapters or id(p) not in others:
+                p.requires_grad_(False)
+        for mname, base, module in plan:
+            parent_name, _, child = mname.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            created = not (isinstance(parent, AdapterSite) and child == "base")
+            if created:
+                site = AdapterSite(base)
+                replace_module(model, mname, site)
+                inserted.append((mname, site, True))
+            else:
+                site = parent
+                inserted.append((parent_name, site, False))
+            site.adapters[name] = module
+            module.train(model.training)  # dropout follows the model's train/eval mode
+        for _mname, _base, module in plan:
+            module.on_attach(model, _site_holding(model, module))
+            attached.append(module)
+            for p in module.parameters():
+                p.requires_grad_(trainable)
+        _set_active(model, [name] if activate else active_before)
+    except BaseException:
+        for module in reversed(attached):
+            site = _site_holding(model, module)
+            module.on_detach()
+            module.restore_base(site.base)
+        for mname, site, created in reversed(inserted):
+            site.adapters.pop(name, None)
+            if created:
+                replace_module(model, mname, site.base)
+        for site, act in actives:
+            site.active = act
+        for p in model.parameters():
+            if id(p) in flags:
+                p.requires_grad_(flags[id(p)])
+        raise
 
 
 def _site_holding(model: nn.Module, module: AdapterModule) -> AdapterSite:
@@ -148,7 +192,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
 
     check_unsharded(model, "attach")
     plan = prepare(model, config, name)
-    install(model, plan, name)
+    install_plan(model, plan, name)
     return model
 
 
@@ -178,11 +222,15 @@ def set_trainable(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the model computes as the base model (merged adapters are unmerged meanwhile)."""
-    merged = _merged_by_site(model)
-    unmerge(model)
+    """Inside the block the model computes as the base model.
+
+    Merged adapters are unmerged meanwhile (the exact pre-merge weights are restored, so
+    repeated blocks never drift) and merged again afterwards.
+    """
     sites = [s for _, s in iter_sites(model)]
+    merged = [(s, list(s.merged)) for s in sites if s.merged]
     for s in sites:
+        s.unmerge_all()
         s.disabled = True
     try:
         yield model
@@ -191,18 +239,23 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             s.disabled = False
         for site, names in merged:
             for n in names:
-                site.adapters[n].merge_into(site.base)
-                site.merged.append(n)
-
-
-def _merged_by_site(model: nn.Module) -> list[tuple[AdapterSite, list[str]]]:
-    return [(s, list(s.merged)) for _, s in iter_sites(model) if s.merged]
+                site.merge_adapter(n)
 
 
 @contextlib.contextmanager
 def mixed_batch(model: nn.Module, names_per_row: Sequence[str | None]) -> Iterator[nn.Module]:
-    """Row ``i`` of every batch inside the block goes through adapter ``names_per_row[i]`` (None: the base)."""
+    """Row ``i`` of every batch inside the block goes through adapter ``names_per_row[i]`` (None: the base).
+
+    The assignment lives in a context variable, not on the model: blocks nest, several threads
+    can each run their own mixed batch on one model, and nothing is left behind by an exception.
+    Merged adapters are refused (unmerge first): their change is already in every row.
+    """
+    if isinstance(names_per_row, (str, bytes)) or not isinstance(names_per_row, Sequence):
+        raise ConfigError(f"mixed_batch expects a list with one adapter name (or None) per row, got {names_per_row!r}")
     rows = list(names_per_row)
+    bad = [r for r in rows if r is not None and not isinstance(r, str)]
+    if bad:
+        raise ConfigError(f"mixed_batch: row entries must be adapter names or None, got {bad[0]!r}")
     used = sorted({n for n in rows if n is not None})
     check_names(model, used)
     for n in used:
@@ -212,27 +265,29 @@ def mixed_batch(model: nn.Module, names_per_row: Sequence[str | None]) -> Iterat
                     f"adapter {n!r} ({mod.config.method}, at {path}) cannot be used in a mixed batch: "
                     "its rows cannot share a batch with other adapters' rows"
                 )
+    merged = sorted({m for _, s in iter_sites(model) for m in s.merged})
+    if merged:
+        raise PeftkitError(f"mixed_batch: adapter(s) {', '.join(map(repr, merged))} are merged into the weights, so "
+                           "every row would get them; call peftkit.unmerge(model) first")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    groups: dict[str | None, torch.Tensor] = {}
+    index: dict[str | None, list[int]] = {}
     for i, n in enumerate(rows):
-        groups.setdefault(n, [])  # type: ignore[arg-type]
-        groups[n].append(i)  # type: ignore[union-attr]
-    groups = {n: torch.tensor(ix, dtype=torch.long, device=device) for n, ix in groups.items()}
-    sites = [s for _, s in iter_sites(model)]
-    for s in sites:
-        s.row_groups = (rows, groups)
+        index.setdefault(n, []).append(i)
+    groups = {n: torch.tensor(ix, dtype=torch.long, device=device) for n, ix in index.items()}
+    sites = frozenset(id(s) for _, s in iter_sites(model))
+    token = ROW_GROUPS.set(RowGroups(rows, groups, sites))
     try:
         yield model
     finally:
-        for s in sites:
-            s.row_groups = None
+        ROW_GROUPS.reset(token)
 
 
 def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Module:
     """Fold adapters ``names`` (default: the active ones) into the base weights.
 
     Outputs are unchanged. Raises :class:`NotMergeableError` naming the first adapter whose
-    method cannot be merged, before any weight is changed.
+    method cannot be merged, before any weight is changed. The weights each site had before
+    its first merge are kept, so ``unmerge`` restores them exactly.
     """
     names = active_names(model) if names is None else ([names] if isinstance(names, str) else list(names))
     check_names(model, names)
@@ -246,8 +301,7 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Modu
     for _, site in iter_sites(model):
         for n in names:
             if n in site.adapters and n not in site.merged:
-                site.adapters[n].merge_into(site.base)
-                site.merged.append(n)
+                site.merge_adapter(n)
     return model
 
 
@@ -255,11 +309,9 @@ _merge = merge
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Restore the base weights of every merged adapter (in reverse merge order)."""
+    """Restore the base weights of every merged adapter (exactly: the pre-merge weights are put back)."""
     for _, site in iter_sites(model):
-        for n in reversed(site.merged):
-            site.adapters[n].unmerge_from(site.base)
-        site.merged.clear()
+        site.unmerge_all()
     return model
 
 
@@ -270,17 +322,14 @@ def delete(model: nn.Module, name: str) -> nn.Module:
         if name not in site.adapters:
             continue
         merged = list(site.merged)
-        for n in reversed(merged):
-            site.adapters[n].unmerge_from(site.base)
-        site.merged.clear()
+        site.unmerge_all()
         mod = site.adapters[name]
         mod.on_detach()
         mod.restore_base(site.base)
         del site.adapters[name]
         for n in merged:
             if n != name:
-                site.adapters[n].merge_into(site.base)
-                site.merged.append(n)
+                site.merge_adapter(n)
         site.active = [n for n in site.active if n != name]
         if not len(site.adapters):
             replace_module(model, mname, site.base)
@@ -294,13 +343,12 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     for mname, site in list(_sites_with_paths(model))[::-1]:
         keep = set(site.merged) if merge else set()
         if not merge:
-            for n in reversed(site.merged):
-                site.adapters[n].unmerge_from(site.base)
-            site.merged.clear()
+            site.unmerge_all()
         for n, mod in site.adapters.items():
             mod.on_detach()
             if n not in keep:
                 mod.restore_base(site.base)
+        site.forget_premerge()
         replace_module(model, mname, site.base)
     return model
 

@@ -23,6 +23,8 @@ def register(cls: type[AdapterConfig]) -> type[AdapterConfig]:
 
 
 def get_method(name: str) -> type[AdapterConfig]:
+    if not isinstance(name, str):
+        raise ConfigError(f"a method name must be a string such as 'lora', got {name!r}; known: {', '.join(sorted(METHODS))}")
     key = name.lower().replace("-", "_")
     for cname, cls in METHODS.items():
         if key in (cname, cls.__name__.lower()):
@@ -31,6 +33,8 @@ def get_method(name: str) -> type[AdapterConfig]:
 
 
 def config_from_dict(data: dict) -> AdapterConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"an adapter config must be a JSON object, got {type(data).__name__}")
     if "method" not in data:
         raise ConfigError("adapter config has no 'method' field")
     return get_method(data["method"]).from_dict(data)
@@ -38,9 +42,7 @@ def config_from_dict(data: dict) -> AdapterConfig:
 
 def method_table() -> str:
     """The Markdown table of every registered method (the README's method table is generated from it)."""
-    from ..formats.hf_peft import CODECS
-
-    hf = {c.method for c in CODECS}
+    hf = {n for n, cls in METHODS.items() if cls.hf_codec is not None}
     rows = ["| method | config | family | trains | merge | HF PEFT format | paper |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in sorted(METHODS, key=lambda n: (METHODS[n].family, n)):

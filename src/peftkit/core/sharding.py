@@ -135,18 +135,18 @@ def class_name(model: nn.Module) -> str:
     return cls.__name__
 
 
-def write_once(files: dict[Path, bytes], sharded: bool) -> None:
-    """Write ``files``; for a sharded model only on rank 0, the other ranks waiting for it.
+def write_once_with(write: Callable[[], object], sharded: bool) -> None:
+    """Run ``write()``; for a sharded model only on rank 0, the other ranks waiting for it.
 
     Every rank returns only after rank 0 has written (or failed: then every rank raises).
     """
     if not sharded:
-        write_files(files)
+        write()
         return
     error: str | None = None
     if is_main_rank():
         try:
-            write_files(files)
+            write()
         except Exception as e:  # told to the other ranks, then raised here
             error = f"{type(e).__name__}: {e}"
             outcome = [error]
@@ -156,3 +156,8 @@ def write_once(files: dict[Path, bytes], sharded: bool) -> None:
     torch.distributed.broadcast_object_list(outcome, src=0)
     if outcome[0] is not None and not is_main_rank():
         raise PeftkitError(f"rank 0 failed to write the adapter files: {outcome[0]}")
+
+
+def write_once(files: dict[Path, bytes], sharded: bool) -> None:
+    """:func:`write_once_with` for a set of single files, each written atomically."""
+    write_once_with(lambda: write_files(files), sharded)

@@ -14,7 +14,9 @@ group's rows (or, for LoRA, in one gathered batched product); other methods run 
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +24,19 @@ from torch import nn
 from torch.func import functional_call
 
 from .adapter import AdapterModule
+
+
+@dataclass(frozen=True)
+class RowGroups:
+    """The adapter of each row of a mixed batch, and which sites it applies to (ids)."""
+
+    names_per_row: list[str | None]
+    groups: dict[str | None, torch.Tensor]
+    sites: frozenset[int]
+
+
+#: set by ``peftkit.mixed_batch`` for the block's duration (per thread / async task)
+ROW_GROUPS: contextvars.ContextVar[RowGroups | None] = contextvars.ContextVar("peftkit_row_groups", default=None)
 
 
 class AdapterSite(nn.Module):
@@ -34,8 +49,8 @@ class AdapterSite(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
-        #: set by ``peftkit.mixed_batch``: (names_per_row, {name: row index tensor})
-        self.row_groups: tuple[list[str | None], dict[str | None, torch.Tensor]] | None = None
+        #: the base module's own tensors as they were before the first merge (restored by unmerge)
+        self._premerge: dict[str, torch.Tensor] | None = None
 
     # The base module's attributes (weight, in_features, ...) stay reachable through the site,
     # so code that reads ``model.q_proj.weight`` keeps working.
@@ -52,8 +67,43 @@ class AdapterSite(nn.Module):
             return []
         return [n for n in self.active if n in self.adapters and n not in self.merged]
 
+    # -- merging --------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge_adapter(self, name: str) -> None:
+        """Fold adapter ``name`` into the base weights; the first merge keeps a copy of them."""
+        if not self.merged:
+            self._premerge = {k: t.detach().clone() for k, t in self.base.named_parameters(recurse=False)}
+        self.adapters[name].merge_into(self.base)
+        self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge_all(self) -> None:
+        """Undo every merge: the pre-merge weights are restored exactly (no rounding drift)."""
+        if not self.merged:
+            return
+        for n in reversed(self.merged):
+            self.adapters[n].unmerge_from(self.base)  # methods' own bookkeeping (caches, flags)
+        if self._premerge is not None:
+            own = dict(self.base.named_parameters(recurse=False))
+            for k, t in self._premerge.items():
+                if k in own and own[k].shape == t.shape:
+                    own[k].data.copy_(t)
+        self.merged.clear()
+        self._premerge = None
+
+    def forget_premerge(self) -> None:
+        self._premerge = None
+
+    @property
+    def row_groups(self) -> tuple[list[str | None], dict[str | None, torch.Tensor]] | None:
+        """The mixed-batch assignment in force for this site (None outside ``peftkit.mixed_batch``)."""
+        rg = ROW_GROUPS.get()
+        if rg is None or id(self) not in rg.sites:
+            return None
+        return rg.names_per_row, rg.groups
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.row_groups is not None and not self.disabled:
+        if not self.disabled and self.row_groups is not None:
             return self._mixed_forward(args, kwargs)
         names = self.running()
         if not names:

@@ -17,7 +17,6 @@ that matches nothing is a typo, and the error names it with the closest module n
 from __future__ import annotations
 
 import fnmatch
-import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,12 +24,14 @@ from torch import nn
 
 from .errors import ConfigError, TargetError, closest
 from .layers import is_linear_like
+from .patterns import compile_pattern, fullmatch
 
 ALL_LINEAR = "all-linear"
 _GLOB_CHARS = set("*?[")
 
 
-def _as_list(patterns: Any) -> list:
+def as_list(patterns: Any) -> list:
+    """``None`` → ``[]``, one pattern → ``[pattern]``, a sequence → a list."""
     if patterns is None:
         return []
     if isinstance(patterns, (str, type)):
@@ -51,7 +52,7 @@ def pattern_matches(pattern: Any, name: str, module: nn.Module, head_names: set[
     if pattern == ALL_LINEAR:
         return is_linear_like(module) and name not in head_names
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
+        return fullmatch(pattern[3:], name, "target pattern")
     if any(c in _GLOB_CHARS for c in pattern):
         return any(fnmatch.fnmatchcase(s, pattern) for s in _suffixes(name))
     if name == pattern or name.endswith("." + pattern):
@@ -84,10 +85,7 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 def _check_regex(p: Any) -> None:
     if isinstance(p, str) and p.startswith("re:"):
-        try:
-            re.compile(p[3:])
-        except re.error as e:
-            raise ConfigError(f"target pattern {p!r} is not a valid regular expression: {e}") from None
+        compile_pattern(p[3:], f"target pattern {p!r}")
 
 
 def candidate_modules(model: nn.Module, skip: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:
@@ -121,7 +119,7 @@ def resolve_targets(model: nn.Module, target_modules: Any, exclude_modules: Any 
 
     Raises :class:`TargetError` naming every pattern that matches nothing, with the closest names.
     """
-    patterns = _as_list(target_modules)
+    patterns = as_list(target_modules)
     if not patterns:
         if not default:
             raise ConfigError(
@@ -129,7 +127,7 @@ def resolve_targets(model: nn.Module, target_modules: Any, exclude_modules: Any 
                 "give target_modules (names, globs, 're:regex', module classes or 'all-linear')"
             )
         patterns = list(default)
-    excludes = _as_list(exclude_modules)
+    excludes = as_list(exclude_modules)
     for p in patterns + excludes:
         _check_regex(p)
     heads = output_head_names(model)

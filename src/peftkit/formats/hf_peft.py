@@ -1,99 +1,164 @@
-"""Reading and writing the Hugging Face PEFT adapter directory format.
+"""The Hugging Face PEFT adapter folder format, read into and written from :class:`AdapterState`.
 
-A peft adapter directory holds ``adapter_config.json`` (with ``peft_type`` and the method's
-options in peft's vocabulary) and ``adapter_model.safetensors`` (or the legacy
-``adapter_model.bin``), whose keys are ``base_model.model.<module path>.<peft tensor name>``
-(prompt-learning methods use bare names such as ``prompt_embeddings``). A second adapter
-saved by ``save_pretrained`` goes to the sub-directory of its name.
+A peft adapter folder holds ``adapter_config.json`` (``peft_type`` and the method's options in
+peft's vocabulary) and ``adapter_model.safetensors`` (or the legacy ``adapter_model.bin``),
+whose keys are ``base_model.model.<module path>.<peft tensor name>`` (prompt-learning methods
+use bare names such as ``prompt_embeddings``). A second adapter saved by ``save_pretrained``
+goes to the sub-folder of its name.
 
-Each method that peft shares with peftkit registers an :class:`HFCodec` (in the method's own
-file) that translates its config and tensor names. This module does the rest: finding the
-codec, reading the files, locating the adapted modules from the tensor keys, and writing.
-Nothing here imports ``peft``.
+Each method that peft shares with peftkit declares an :class:`~peftkit.formats.codec.HFCodec` on
+its config class; this module finds it, reads and writes the files, and groups tensors by
+module path. It knows nothing of models and never imports ``peft``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from ..core.adapter_state import AdapterState
 from ..core.config import AdapterConfig
 from ..core.errors import AdapterLoadError, ConfigError
-from ..core.files import json_to_bytes, read_json, read_safetensors, read_torch_bin, tensors_to_bytes
-from ..core.model import adapter_modules
-from ..core.sharding import is_sharded, module_state, write_once
+from ..core.files import FolderReader, json_to_bytes, parse_json, parse_safetensors, read_torch_bin, tensors_to_bytes
+from ..core.registry import METHODS
+from .codec import HFCodec
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+LEGACY_WEIGHTS_FILE = "adapter_model.bin"
 PEFT_VERSION = "0.21.2"  # the peft version whose conventions the writers follow
+NAME = "hf"
 
 
-@dataclass
-class HFCodec:
-    """How one peftkit method maps to peft.
-
-    * ``peft_type``: peft's ``peft_type`` string (``"LORA"``).
-    * ``accepts(hf_config)``: whether this codec reads that config (LoRA vs DoRA share ``LORA``).
-    * ``config_to_hf(config, targets)`` / ``config_from_hf(hf_config)``: the options.
-    * ``tensor_names``: peftkit state name → peft tensor name (``"lora_A" → "lora_A.weight"``),
-      or a callable ``(adapter_module) -> that dict`` where it depends on the layer.
-    * ``module_level``: False for prompt-learning methods whose keys carry no module path.
-    * ``export``/``import_``: optional hooks for state that is not a renaming (PiSSA, OFT).
-    """
-
-    method: str
-    peft_type: str
-    config_to_hf: Callable[[AdapterConfig, list[str]], dict[str, Any]]
-    config_from_hf: Callable[[dict[str, Any]], AdapterConfig]
-    tensor_names: dict[str, str] | Callable[[nn.Module], dict[str, str]]
-    accepts: Callable[[dict[str, Any]], bool] = lambda d: True
-    module_level: bool = True
-    export: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
-    import_: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
-
-    def names_for(self, module: nn.Module) -> dict[str, str]:
-        return self.tensor_names(module) if callable(self.tensor_names) else self.tensor_names
-
-
-CODECS: list[HFCodec] = []
-
-
-def register_codec(codec: HFCodec) -> HFCodec:
-    CODECS.append(codec)
-    return codec
+def codecs() -> dict[str, HFCodec]:
+    """``{method name: codec}`` of every registered method with a peft form."""
+    return {name: cls.hf_codec for name, cls in METHODS.items() if cls.hf_codec is not None}
 
 
 def codec_for_method(method: str) -> HFCodec:
-    for c in CODECS:
-        if c.method == method:
-            return c
-    supported = sorted({c.method for c in CODECS})
-    raise ConfigError(f"method {method!r} has no Hugging Face PEFT form; methods with one: {', '.join(supported)}")
+    found = codecs()
+    if method not in found:
+        raise ConfigError(f"method {method!r} has no Hugging Face PEFT form; methods with one: {', '.join(sorted(found))}")
+    return found[method]
 
 
 def codec_for_config(hf: dict[str, Any], source: str) -> HFCodec:
     ptype = hf.get("peft_type")
     if not ptype:
         raise AdapterLoadError(f"{source}: adapter_config.json has no peft_type")
-    for c in CODECS:
+    for c in codecs().values():
         if c.peft_type == ptype and c.accepts(hf):
             return c
-    known = sorted({c.peft_type for c in CODECS})
+    known = sorted({c.peft_type for c in codecs().values()})
     raise AdapterLoadError(f"{source}: peft_type {ptype!r} is not supported by peftkit (supported: {', '.join(known)})")
 
 
-def base_hf_fields(model: nn.Module) -> dict[str, Any]:
-    cfg = getattr(model, "config", None)
+def detect(reader: FolderReader) -> bool:
+    return reader.exists(CONFIG_FILE)
+
+
+def owned(path: Path) -> bool:
+    return path.name in (CONFIG_FILE, WEIGHTS_FILE, LEGACY_WEIGHTS_FILE) or (
+        path.is_dir() and ((path / CONFIG_FILE).is_file() or (path / "peftkit_adapter.json").is_file()))
+
+
+# -- reading -------------------------------------------------------------------------------
+def read(reader: FolderReader, name: str | None = None) -> AdapterState:
+    """The adapter in the folder of ``reader`` (named ``name``, default ``"default"``)."""
+    source = str(reader.root)
+    hf = parse_json(reader.read(CONFIG_FILE), reader.root / CONFIG_FILE)
+    codec = codec_for_config(hf, source)
+    refused, ignored = codec.unsupported(hf)
+    if refused:
+        shown = ", ".join(f"{k}={hf[k]!r}" for k in refused)
+        raise AdapterLoadError(f"{source}: peft option(s) {shown} change the adapter's math and are not supported "
+                               f"by peftkit's {codec.peft_type} reader; refusing to load it as something else")
+    if ignored:
+        warnings.warn(f"{source}: unknown peft option(s) {', '.join(ignored)} ignored (switched off in the file)",
+                      stacklevel=3)
+    try:
+        config = codec.config_from_hf(hf)
+        if not isinstance(config, AdapterConfig):
+            raise ConfigError(f"the codec built a {type(config).__name__}")
+        config.check_types()
+        config.validate()
+    except (ConfigError, TypeError, ValueError, KeyError) as e:
+        raise AdapterLoadError(f"{source}: cannot read the peft config: {e}") from None
+    raw = _read_tensors(reader)
+    shared_keys = {v: k for k, v in codec.shared_names.items()}
+    shared = {shared_keys[k]: t for k, t in raw.items() if k in shared_keys}
+    raw = {k: t for k, t in raw.items() if k not in shared_keys}
+    base = {"name_or_path": hf.get("base_model_name_or_path")}
+    name = name or "default"
+    if not codec.module_level:
+        tensors = {codec.read_names.get(k, k): t for k, t in raw.items()}
+        return AdapterState(name, config, None, tensors, shared, {}, base)
+    targets, tensors = _split_by_module(raw, codec, source)
+    return AdapterState(name, config, targets, tensors, shared, {}, base)
+
+
+def _read_tensors(reader: FolderReader) -> dict[str, torch.Tensor]:
+    if reader.exists(WEIGHTS_FILE):
+        return parse_safetensors(reader.read(WEIGHTS_FILE), reader.root / WEIGHTS_FILE)
+    if reader.exists(LEGACY_WEIGHTS_FILE):
+        return read_torch_bin(reader.root / LEGACY_WEIGHTS_FILE, reader.read(LEGACY_WEIGHTS_FILE))
+    raise AdapterLoadError(f"{reader.root}: no {WEIGHTS_FILE} (or {LEGACY_WEIGHTS_FILE}) next to {CONFIG_FILE}")
+
+
+def _split_by_module(raw: dict[str, torch.Tensor], codec: HFCodec,
+                     source: str) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """``(module paths in file order, {"<path>.<our name>": tensor})`` from peft's keys."""
+    suffixes = sorted(codec.read_names, key=len, reverse=True)
+    tensors: dict[str, torch.Tensor] = {}
+    order: dict[str, None] = {}
+    unknown: list[str] = []
+    for key, t in raw.items():
+        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        match = next((s for s in suffixes if k.endswith("." + s)), None)
+        if match is None:
+            if ".base_layer." in k or k.endswith(".base_layer.weight"):
+                continue  # peft's copy of a resized embedding/base layer: the model's own weights are used
+            unknown.append(key)
+            continue
+        path = k[: -len(match) - 1]
+        order.setdefault(path, None)
+        ours = f"{path}.{codec.read_names[match]}"
+        if ours in tensors:
+            raise AdapterLoadError(f"{source}: two tensors in the file give {ours} ({key} and another)")
+        tensors[ours] = t
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise AdapterLoadError(f"{source}: tensors peftkit does not know for {codec.peft_type}: {shown}")
+    if not order:
+        raise AdapterLoadError(f"{source}: the weights file holds no {codec.peft_type} tensors")
+    return list(order), tensors
+
+
+# -- writing -------------------------------------------------------------------------------
+def files(states: list[AdapterState], module_names: list[str] | None = None) -> dict[str, bytes]:
+    """``{relative path: bytes}``: the first adapter at the root, the others in ``<name>/`` (peft's layout).
+
+    ``module_names``: every module name of the model, to write ``target_modules`` as leaf names
+    where they select exactly the adapted modules (else a regular expression of the full paths).
+    """
+    out: dict[str, bytes] = {}
+    for i, state in enumerate(states):
+        prefix = "" if i == 0 else f"{state.name}/"
+        out.update({prefix + k: v for k, v in _one(state, module_names).items()})
+    return out
+
+
+def base_fields(state: AdapterState) -> dict[str, Any]:
+    cls = str(state.base.get("class") or "")
     # SEQ_CLS/TOKEN_CLS would make peft expect a trained copy of the head in the file
-    task = "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
+    task = "CAUSAL_LM" if cls.endswith("ForCausalLM") else None
     return {
-        "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
+        "base_model_name_or_path": state.base.get("name_or_path") or None,
         "inference_mode": True,
         "peft_version": PEFT_VERSION,
         "revision": None,
@@ -102,168 +167,42 @@ def base_hf_fields(model: nn.Module) -> dict[str, Any]:
     }
 
 
-# -- writing -------------------------------------------------------------------------------
-def save_hf(model: nn.Module, root: Path, names: list[str]) -> Path:
-    files: dict[Path, bytes] = {}
-    for i, name in enumerate(names):
-        directory = root if i == 0 else root / name
-        files.update(_hf_files(model, name, directory))
-    write_once(files, is_sharded(model))
-    return root
-
-
-def _hf_files(model: nn.Module, name: str, directory: Path) -> dict[Path, bytes]:
-    mods = list(adapter_modules(model, name))
-    config = mods[0][2].config
-    codec = codec_for_method(config.method)
-    targets = [path for path, _, _ in mods]
-    hf = base_hf_fields(model)
-    hf.update(codec.config_to_hf(config, targets))
+def _one(state: AdapterState, module_names: list[str] | None) -> dict[str, bytes]:
+    codec = codec_for_method(state.config.method)
+    targets = list(state.targets or [])
+    hf = base_fields(state)
+    hf.update(codec.config_to_hf(state.config, targets))
     if codec.module_level:
-        hf["target_modules"] = hf_target_modules(model, targets)
+        hf["target_modules"] = target_modules(targets, module_names)
         hf.setdefault("exclude_modules", None)
     hf["peft_type"] = codec.peft_type
     tensors: dict[str, torch.Tensor] = {}
-    for path, _site, mod in mods:
-        state = module_state(mod, codec.export)  # under FSDP2: gathered (every rank must call)
-        mapping = codec.names_for(mod)
-        for ours, t in state.items():
-            if ours not in mapping:
-                continue
-            key = mapping[ours] if not codec.module_level else f"{PREFIX}{path}.{mapping[ours]}"
-            tensors[key] = t
-    hf = dict(sorted(hf.items()))
-    return {directory / WEIGHTS_FILE: tensors_to_bytes(tensors, {"format": "pt"}), directory / CONFIG_FILE: json_to_bytes(hf)}
-
-
-def hf_target_modules(model: nn.Module, targets: list[str]) -> list[str] | str:
-    """peft's ``target_modules`` selecting exactly ``targets``: leaf names when they select exactly
-    those modules, else a regular expression of the full paths (peft full-matches a string)."""
-    import re
-
-    from ..core.model import iter_sites
-    from ..core.targeting import display_name
-
-    leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
-    site_paths = {p for p, _ in iter_sites(model)}
-    names = {display_name(n) for n, _ in model.named_modules()} | site_paths
-    selected = {n for n in names if n.rsplit(".", 1)[-1] in leaves and ".adapters." not in f".{n}."}
-    if selected == set(targets):
-        return leaves
-    return "^(?:" + "|".join(re.escape(t) for t in targets) + ")$"
-
-
-# -- reading -------------------------------------------------------------------------------
-def read_hf_tensors(root: Path) -> dict[str, torch.Tensor]:
-    if (root / WEIGHTS_FILE).is_file():
-        return read_safetensors(root / WEIGHTS_FILE)
-    if (root / "adapter_model.bin").is_file():
-        return read_torch_bin(root / "adapter_model.bin")
-    raise AdapterLoadError(f"{root}: no {WEIGHTS_FILE} (or adapter_model.bin) next to {CONFIG_FILE}")
-
-
-def load_hf(model: nn.Module, root: Path, name: str | None, trainable: bool) -> nn.Module:
-    from ..core.state import load_into
-
-    source = str(root)
-    hf = read_json(root / CONFIG_FILE)
-    codec = codec_for_config(hf, source)
-    try:
-        config = codec.config_from_hf(hf)
-    except (ConfigError, TypeError, ValueError, KeyError) as e:
-        raise AdapterLoadError(f"{source}: cannot read the peft config: {e}") from None
-    raw = read_hf_tensors(root)
-    name = name or "default"
-    if not codec.module_level:
-        targets = None
-        tensors = raw
+    if state.targets is None:  # a value read from a peft prompt-learning file: bare names
+        per_module = [(None, dict(state.tensors))]
     else:
-        targets, tensors = _split_by_module(model, raw, codec, source)
-    from ..core.api import prepare
-
-    if targets is None:
-        load_into(model, config, _module_targets(model, config), _prompt_state(model, config, codec, tensors, name, source),
-                  name, trainable, source)
-        return model
-    plan = _safe_prepare(prepare, model, config, name, targets, source)
-    ours: dict[str, torch.Tensor] = {}
-    for _mname, _base, mod in plan:
-        path = _path_of(_mname)
-        names = codec.names_for(mod)
-        inverse = {v: k for k, v in names.items()}
-        file_part = tensors.get(path, {})
-        state: dict[str, torch.Tensor] = {}
-        for hf_name, t in file_part.items():
-            state[inverse.get(hf_name, f"<peft:{hf_name}>")] = t
-        if codec.import_:
-            state = codec.import_(mod, state)
-        for k, t in state.items():
-            ours[f"{path}.{k}"] = t
-    load_into(model, config, targets, ours, name, trainable, source)
-    return model
+        per_module = [(path, state.module_tensors(path)) for path in targets]
+    for path, mod_state in per_module:
+        layer = state.layers.get(path, {}) if path is not None else {}
+        if codec.export is not None:
+            mod_state = codec.export(mod_state, layer)
+        names = codec.names_for(layer)
+        for ours, t in mod_state.items():
+            if ours in names:
+                tensors[f"{PREFIX}{path}.{names[ours]}" if codec.module_level else names[ours]] = t
+    for k, t in state.shared.items():
+        if k not in codec.shared_names:
+            raise ConfigError(f"{state.config.method}: shared tensor {k!r} has no name in the peft format")
+        tensors[codec.shared_names[k]] = t
+    hf = dict(sorted(hf.items()))
+    return {WEIGHTS_FILE: tensors_to_bytes(tensors, {"format": "pt"}), CONFIG_FILE: json_to_bytes(hf)}
 
 
-def _path_of(module_name: str) -> str:
-    from ..core.targeting import display_name
-
-    return display_name(module_name)
-
-
-def _safe_prepare(prepare: Any, model: nn.Module, config: AdapterConfig, name: str, targets: list[str], source: str):
-    try:
-        return prepare(model, config, name, targets)
-    except ConfigError as e:
-        raise AdapterLoadError(f"{source}: adapter does not fit {type(model).__name__}: {e}") from None
-
-
-def _split_by_module(model: nn.Module, raw: dict[str, torch.Tensor], codec: HFCodec,
-                     source: str) -> tuple[list[str], dict[str, dict[str, torch.Tensor]]]:
-    """Group file tensors by module path, using the peft tensor names the codec knows."""
-    suffixes = set()
-    for v in _all_names(codec):
-        suffixes.add(v)
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    order: list[str] = []
-    unknown: list[str] = []
-    for key, t in raw.items():
-        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        match = next((s for s in sorted(suffixes, key=len, reverse=True) if k.endswith("." + s)), None)
-        if match is None:
-            if ".base_layer." in k or k.endswith(".base_layer.weight"):
-                continue  # peft's copy of a resized embedding/base layer: the model's own weights are used
-            unknown.append(key)
-            continue
-        path = k[: -len(match) - 1]
-        if path not in grouped:
-            grouped[path] = {}
-            order.append(path)
-        grouped[path][match] = t
-    if unknown:
-        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise AdapterLoadError(f"{source}: tensors peftkit does not know for {codec.peft_type}: {shown}")
-    if not order:
-        raise AdapterLoadError(f"{source}: the weights file holds no {codec.peft_type} tensors")
-    return order, grouped
-
-
-def _all_names(codec: HFCodec) -> set[str]:
-    if not callable(codec.tensor_names):
-        return set(codec.tensor_names.values())
-    return set(getattr(codec.tensor_names, "all_names", ()))
-
-
-def _module_targets(model: nn.Module, config: AdapterConfig) -> list[str] | None:
-    from ..core.api import _module_names
-    from ..core.targeting import display_name
-
-    return [display_name(n) for n in _module_names(model, config, None)]
-
-
-def _prompt_state(model: nn.Module, config: AdapterConfig, codec: HFCodec, tensors: dict[str, torch.Tensor],
-                  name: str, source: str) -> dict[str, torch.Tensor]:
-    """For methods without module paths: map file names onto the (single) target module's state."""
-    targets = _module_targets(model, config) or []
-    if len(targets) != 1:
-        raise AdapterLoadError(f"{source}: expected exactly one module for {codec.peft_type}, found {len(targets)}")
-    inverse = {v: k for k, v in codec.tensor_names.items()} if not callable(codec.tensor_names) else {}
-    return {f"{targets[0]}.{inverse.get(k, k)}": t for k, t in tensors.items()}
+def target_modules(targets: list[str], module_names: list[str] | None) -> list[str] | str:
+    """peft's ``target_modules`` selecting exactly ``targets``: leaf names when they select exactly
+    those modules of the model, else a regular expression of the full paths (peft full-matches a string)."""
+    if module_names is not None:
+        leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
+        selected = {n for n in module_names if n.rsplit(".", 1)[-1] in leaves}
+        if selected == set(targets):
+            return leaves
+    return "^(?:" + "|".join(re.escape(t) for t in targets) + ")$"

@@ -56,22 +56,11 @@ from ..core.config import AdapterConfig, one_of, positive_int, probability
 from ..core.errors import ConfigError
 from ..core.layers import HF_CONV1D, LINEAR, OTHER, is_linear_like, layer_info, layer_kind
 from ..core.registry import register
+from ..core.targets import BOTTLENECK_DEFAULT_TARGETS, PLACEMENTS
 
-PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
 DEFAULT_REDUCTION_FACTOR = 16
 
-_BERT_FFN_OUT = r"re:.*layer\.\d+\.output\.dense"
-_LLAMA = {"houlsby": ["self_attn.o_proj", "mlp.down_proj"], "pfeiffer": ["mlp.down_proj"], "parallel": ["mlp"]}
-_BERT = {"houlsby": ["attention.output.dense", _BERT_FFN_OUT], "pfeiffer": [_BERT_FFN_OUT],
-         "parallel": ["intermediate.dense"]}
-_GPT2 = {"houlsby": ["attn.c_proj", "mlp.c_proj"], "pfeiffer": ["mlp.c_proj"], "parallel": ["mlp"]}
-_FAMILIES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gemma": _LLAMA,
-             "bert": _BERT, "roberta": _BERT, "gpt2": _GPT2}
-#: ``{placement: {model_type: [target patterns]}}``
-BOTTLENECK_DEFAULT_TARGETS: dict[str, dict[str, list[str]]] = {
-    p: {family: list(t[p]) for family, t in _FAMILIES.items()} for p in PLACEMENTS
-}
 
 
 class _TargetsForPlacement:

@@ -44,7 +44,8 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.layers import HF_CONV1D, LINEAR, layer_kind
 from ..core.registry import register
-from .lora import LoRA, LoRALayer, _lora_export, _lora_import, lora_options_from_hf, lora_options_to_hf
+from ..formats.codec import HFCodec
+from .lora import HF_OPTIONS, LoRA, LoRALayer, lora_export, lora_options_from_hf, lora_options_to_hf
 
 MAGNITUDE = "lora_magnitude_vector"
 
@@ -208,25 +209,10 @@ class DoRALayer(LoRALayer):
 
 
 # -- Hugging Face PEFT format: peft_type "LORA" with use_dora=True ---------------------------------
-def _hf_names(mod: nn.Module) -> dict[str, str]:
-    return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", MAGNITUDE: MAGNITUDE}
-
-
-# older peft files name the magnitude "<...>.lora_magnitude_vector.weight"
-_hf_names.all_names = ("lora_A.weight", "lora_B.weight", MAGNITUDE, f"{MAGNITUDE}.weight")  # type: ignore[attr-defined]
-
-
-def _dora_export(mod: DoRALayer) -> dict[str, torch.Tensor]:
-    out = _lora_export(mod)  # PiSSA/MiLoRA: factors relative to the original W, whose DoRA norm is the same
-    out[MAGNITUDE] = mod.lora_magnitude_vector.detach()
+def _dora_export(state: dict[str, torch.Tensor], layer: dict[str, Any]) -> dict[str, torch.Tensor]:
+    out = lora_export(state, layer)  # PiSSA/MiLoRA: factors relative to the original W, whose DoRA norm is the same
+    out[MAGNITUDE] = state[MAGNITUDE]
     return out
-
-
-def _dora_import(mod: DoRALayer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    legacy = f"<peft:{MAGNITUDE}.weight>"
-    if legacy in state:
-        state.setdefault(MAGNITUDE, state.pop(legacy))
-    return _lora_import(mod, state)
 
 
 def _config_to_hf(config: AdapterConfig, targets: list[str]) -> dict[str, Any]:
@@ -239,19 +225,14 @@ def _config_from_hf(d: dict[str, Any]) -> DoRA:
     return DoRA(**lora_options_from_hf(d, "DoRA"))
 
 
-def _register_hf() -> None:
-    from ..formats.hf_peft import HFCodec, register_codec
-
-    register_codec(HFCodec(
-        method="dora",
-        peft_type="LORA",
-        accepts=lambda d: bool(d.get("use_dora")),
-        config_to_hf=_config_to_hf,
-        config_from_hf=_config_from_hf,
-        tensor_names=_hf_names,
-        export=_dora_export,
-        import_=_dora_import,
-    ))
-
-
-_register_hf()
+DoRA.hf_codec = HFCodec(
+    peft_type="LORA",
+    accepts=lambda d: bool(d.get("use_dora")),
+    config_to_hf=_config_to_hf,
+    config_from_hf=_config_from_hf,
+    # older peft files name the magnitude "<...>.lora_magnitude_vector.weight"
+    read_names={"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", MAGNITUDE: MAGNITUDE, f"{MAGNITUDE}.weight": MAGNITUDE},
+    write_names={"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", MAGNITUDE: MAGNITUDE},
+    options=HF_OPTIONS,
+    export=_dora_export,
+)

@@ -34,63 +34,9 @@ from ..core.config import AdapterConfig
 from ..core.errors import ConfigError
 from ..core.layers import CONV2D, HF_CONV1D, LINEAR, layer_info, layer_kind
 from ..core.registry import register
-from ..core.targeting import pattern_matches
-
-IA3_DEFAULT_TARGETS: dict[str, list[str]] = {
-    "t5": ["k", "v", "wo"],
-    "mt5": ["k", "v", "wi_1"],
-    "gpt2": ["c_attn", "mlp.c_proj"],
-    "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
-    "roberta": ["key", "value", "output.dense"],
-    "opt": ["q_proj", "k_proj", "fc2"],
-    "gptj": ["q_proj", "v_proj", "fc_out"],
-    "gpt_neox": ["query_key_value", "dense_4h_to_h"],
-    "gpt_neo": ["q_proj", "v_proj", "c_proj"],
-    "bart": ["q_proj", "v_proj", "fc2"],
-    "gpt_bigcode": ["c_attn", "mlp.c_proj"],
-    "llama": ["k_proj", "v_proj", "down_proj"],
-    "llama4": ["q_proj", "v_proj", "down_proj"],
-    "mistral": ["k_proj", "v_proj", "down_proj"],
-    "mixtral": ["k_proj", "v_proj", "w2"],
-    "bert": ["key", "value", "output.dense"],
-    "deberta-v2": ["key_proj", "value_proj", "output.dense"],
-    "deberta": ["in_proj", "output.dense"],
-    "falcon": ["query_key_value", "dense_4h_to_h"],
-    "phi": ["q_proj", "v_proj", "fc2"],
-    "gemma": ["q_proj", "v_proj", "down_proj"],
-    "gemma2": ["q_proj", "v_proj", "down_proj"],
-    "gemma3_text": ["q_proj", "v_proj", "down_proj"],
-    "qwen2": ["q_proj", "v_proj", "down_proj"],
-    "qwen3": ["q_proj", "v_proj", "down_proj"],
-}
-
-IA3_FEEDFORWARD_MODULES: dict[str, list[str]] = {
-    "t5": ["wo"],
-    "mt5": [],
-    "gpt2": ["mlp.c_proj"],
-    "bloom": ["mlp.dense_4h_to_h"],
-    "roberta": ["output.dense"],
-    "opt": ["fc2"],
-    "gptj": ["fc_out"],
-    "gpt_neox": ["dense_4h_to_h"],
-    "gpt_neo": ["c_proj"],
-    "bart": ["fc2"],
-    "gpt_bigcode": ["mlp.c_proj"],
-    "llama": ["down_proj"],
-    "llama4": ["down_proj"],
-    "mistral": ["down_proj"],
-    "mixtral": ["w2"],
-    "bert": ["output.dense"],
-    "deberta-v2": ["output.dense"],
-    "deberta": ["output.dense"],
-    "falcon": ["dense_4h_to_h"],
-    "phi": ["fc2"],
-    "gemma": ["down_proj"],
-    "gemma2": ["down_proj"],
-    "gemma3_text": ["down_proj"],
-    "qwen2": ["down_proj"],
-    "qwen3": ["down_proj"],
-}
+from ..core.targeting import as_list, pattern_matches
+from ..core.targets import IA3_FEEDFORWARD, IA3_TARGETS
+from ..formats.codec import HFCodec
 
 
 @register
@@ -108,7 +54,7 @@ class IA3(AdapterConfig):
     paper = "Liu et al. 2022 (arXiv:2205.05638)"
     formula = "l ⊙ (W x + b), or W (l ⊙ x) + b for feed-forward modules; l"
     supported_layers = (LINEAR, HF_CONV1D, CONV2D, "conv3d")
-    default_targets = IA3_DEFAULT_TARGETS
+    default_targets = IA3_TARGETS
 
     feedforward_modules: Any = None
     init_ia3_weights: bool = True
@@ -123,8 +69,8 @@ class IA3(AdapterConfig):
                 raise ConfigError(f"{owner}: {name} must be a pattern or a list of patterns, got {value!r}")
         # peft's rule: feed-forward modules are targets too (an entry must name, narrow or widen a target name)
         if _plain_names(ff) and _plain_names(targets):
-            listed = _as_list(targets)
-            for entry in _as_list(ff):
+            listed = as_list(targets)
+            for entry in as_list(ff):
                 if not any(entry == t or entry.endswith("." + t) or t.endswith("." + entry) for t in listed):
                     raise ConfigError(
                         f"{owner}: feedforward_modules entry {entry!r} is not among target_modules {listed}; "
@@ -149,7 +95,7 @@ class IA3(AdapterConfig):
         if self.feedforward_modules is None:
             return None
         hits = self._hits(model, module_names)
-        for p in _as_list(self.feedforward_modules):
+        for p in as_list(self.feedforward_modules):
             if isinstance(p, str) and p.startswith("re:"):
                 continue  # regular expressions (as read from peft files) may match nothing, as in peft
             if not hits(p):
@@ -163,26 +109,18 @@ class IA3(AdapterConfig):
             return self
         hits = self._hits(model, module_names)
         mt = getattr(getattr(model, "config", None), "model_type", None)
-        ff = [p for p in IA3_FEEDFORWARD_MODULES.get(mt, []) if hits(p)]
-        targets = self.target_modules if self.target_modules is not None else IA3_DEFAULT_TARGETS.get(mt)
+        ff = [p for p in IA3_FEEDFORWARD.get(mt, []) if hits(p)]
+        targets = self.target_modules if self.target_modules is not None else IA3_TARGETS.get(mt)
         return self.replace(target_modules=targets, feedforward_modules=ff)
 
     def is_feedforward(self, base: nn.Module, module_name: str) -> bool:
-        return any(pattern_matches(p, module_name, base, set()) for p in _as_list(self.feedforward_modules))
+        return any(pattern_matches(p, module_name, base, set()) for p in as_list(self.feedforward_modules))
 
     def build(self, base: nn.Module, module_name: str) -> IA3Layer:
         ff = self.is_feedforward(base, module_name)
         self.__dict__.setdefault("_ff_paths", set())
         (self._ff_paths.add if ff else self._ff_paths.discard)(module_name)
         return IA3Layer(self, base, ff)
-
-
-def _as_list(v: Any) -> list:
-    if v is None:
-        return []
-    if isinstance(v, (str, type)):
-        return [v]
-    return list(v)
 
 
 def _plain_names(v: Any) -> bool:
@@ -309,7 +247,7 @@ def _ia3_from_hf(d: dict[str, Any]) -> IA3:
     return IA3(target_modules=_patterns_from_hf(d.get("target_modules")),
                exclude_modules=_patterns_from_hf(d.get("exclude_modules")),
                feedforward_modules=_ff_from_hf(d.get("feedforward_modules")),
-               init_ia3_weights=bool(d.get("init_ia3_weights", True)))
+               init_ia3_weights=d.get("init_ia3_weights", True))
 
 
 def _ia3_to_hf(config: IA3, targets: list[str]) -> dict[str, Any]:
@@ -324,16 +262,10 @@ def _ia3_to_hf(config: IA3, targets: list[str]) -> dict[str, Any]:
     }
 
 
-def _register_hf() -> None:
-    from ..formats.hf_peft import HFCodec, register_codec
-
-    register_codec(HFCodec(
-        method="ia3",
-        peft_type="IA3",
-        config_to_hf=_ia3_to_hf,
-        config_from_hf=_ia3_from_hf,
-        tensor_names={"ia3_l": "ia3_l"},
-    ))
-
-
-_register_hf()
+IA3.hf_codec = HFCodec(
+    peft_type="IA3",
+    config_to_hf=_ia3_to_hf,
+    config_from_hf=_ia3_from_hf,
+    read_names={"ia3_l": "ia3_l"},
+    options=frozenset({"feedforward_modules", "init_ia3_weights", "fan_in_fan_out", "modules_to_save"}),
+)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,10 +38,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterModule
-from ..core.config import AdapterConfig, pattern_value, positive_int, probability
+from ..core.config import LowRankOptions, probability
 from ..core.errors import ConfigError
 from ..core.layers import CONV1D, CONV2D, EMBEDDING, HF_CONV1D, LINEAR, layer_info, layer_kind
 from ..core.registry import register
+from ..core.targets import ATTENTION_QV
+from ..formats.codec import HFCodec
 from .lora_fused import FusedLoRALinear
 
 try:
@@ -51,26 +53,12 @@ try:
 except Exception:  # pragma: no cover - transformers is optional
     _HF_CONV1D_FORWARD = None
 
-LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "phi3": ["qkv_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-    "gpt2": ["c_attn"],
-    "opt": ["q_proj", "v_proj"],
-    "t5": ["q", "v"],
-    "vit": ["query", "value"],
-}
 INITS = ("default", "gaussian", "pissa", "milora")
 
 
 @register
 @dataclass
-class LoRA(AdapterConfig):
+class LoRA(LowRankOptions):
     """Low-rank adaptation ``W + s·B A``: ``r`` the rank, ``alpha`` the scale numerator.
 
     ``rank_pattern`` / ``alpha_pattern`` map module-name patterns (names, suffixes or regular
@@ -82,40 +70,20 @@ class LoRA(AdapterConfig):
     paper = "Hu et al. 2021 (arXiv:2106.09685); rsLoRA, PiSSA, MiLoRA, LoRA+"
     formula = "W x + s·B A x; A, B"
     supported_layers = (LINEAR, HF_CONV1D, CONV1D, CONV2D, EMBEDDING)
-    default_targets = LORA_DEFAULT_TARGETS
+    default_targets = ATTENTION_QV
 
-    r: int = 8
-    alpha: float = 8.0
     dropout: float = 0.0
-    use_rslora: bool = False
     init: str = "default"
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
+        super().validate()
         owner = type(self).__name__
-        positive_int(owner, "r", self.r)
-        for k, v in self.rank_pattern.items():
-            positive_int(owner, f"rank_pattern[{k!r}]", v)
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool):
-            raise ConfigError(f"{owner}: alpha must be a number, got {self.alpha!r}")
         probability(owner, "dropout", self.dropout)
         if not (self.init in INITS or re.fullmatch(r"pissa_niter_\d+", str(self.init))):
             from ..core.errors import did_you_mean
 
             raise ConfigError(f"{owner}: init={self.init!r} is not one of {', '.join(INITS)} or 'pissa_niter_N'"
                               f"{did_you_mean(str(self.init), INITS)}")
-
-    # -- per-module values --------------------------------------------------------------
-    def rank_for(self, module_name: str) -> int:
-        return pattern_value(self.rank_pattern, module_name, self.r)
-
-    def alpha_for(self, module_name: str) -> float:
-        return pattern_value(self.alpha_pattern, module_name, self.alpha)
-
-    def scale_for(self, module_name: str) -> float:
-        r, a = self.rank_for(module_name), self.alpha_for(module_name)
-        return a / math.sqrt(r) if self.use_rslora else a / r
 
     def check_layer(self, base: nn.Module, module_name: str) -> str | None:
         reason = super().check_layer(base, module_name)
@@ -197,6 +165,7 @@ class LoRALayer(AdapterModule):
         self.lora_B.copy_(ur * root[None, :])
         self.register_buffer("init_A", self.lora_A.detach().clone())
         self.register_buffer("init_B", self.lora_B.detach().clone())
+        self.optional_state = ("init_A", "init_B")  # a peft file omits them: the SVD just made gives them
 
     # -- forward ---------------------------------------------------------------------
     def adapt_output(self, x: torch.Tensor, y: torch.Tensor, base_out: Any, site: Any) -> torch.Tensor:
@@ -330,13 +299,18 @@ def lora_plus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, wei
 
 
 # -- Hugging Face PEFT format ------------------------------------------------------------------
-def _hf_names(mod: nn.Module) -> dict[str, str]:
-    if getattr(mod, "kind", None) == EMBEDDING:
+def _hf_write_names(layer: dict[str, Any]) -> dict[str, str]:
+    if layer.get("kind") == EMBEDDING:
         return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
     return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
 
-_hf_names.all_names = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")  # type: ignore[attr-defined]
+HF_READ_NAMES = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B",
+                 "lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}
+#: peft LoraConfig keys that LoRA and DoRA read (the others must be switched off; see HFCodec.unsupported)
+HF_OPTIONS = frozenset({"r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern",
+                        "alpha_pattern", "bias", "use_dora", "fan_in_fan_out", "layers_to_transform", "layers_pattern",
+                        "qalora_group_size", "megatron_core", "megatron_config"})
 
 _UNSUPPORTED_HF = {"lora_bias": False, "use_qalora": False, "modules_to_save": None}
 
@@ -356,13 +330,13 @@ def lora_options_from_hf(d: dict[str, Any], owner: str) -> dict[str, Any]:
     else:
         raise ConfigError(f"peft init_lora_weights={init!r} is not supported by peftkit's {owner}")
     return {
-        "r": int(d.get("r", 8)),
+        "r": d.get("r", 8),
         "alpha": d.get("lora_alpha", 8),
-        "dropout": float(d.get("lora_dropout", 0.0) or 0.0),
-        "use_rslora": bool(d.get("use_rslora", False)),
+        "dropout": d.get("lora_dropout") or 0.0,
+        "use_rslora": d.get("use_rslora", False),
         "init": init,
-        "rank_pattern": dict(d.get("rank_pattern") or {}),
-        "alpha_pattern": dict(d.get("alpha_pattern") or {}),
+        "rank_pattern": d.get("rank_pattern") or {},
+        "alpha_pattern": d.get("alpha_pattern") or {},
         "target_modules": d.get("target_modules"),
     }
 
@@ -396,34 +370,22 @@ def lora_options_to_hf(config: LoRA) -> dict[str, Any]:
     return out
 
 
-def _lora_export(mod: LoRALayer) -> dict[str, torch.Tensor]:
-    if not hasattr(mod, "init_A"):
-        return {"lora_A": mod.lora_A.detach(), "lora_B": mod.lora_B.detach()}
-    a = torch.cat([mod.lora_A.detach(), mod.init_A], 0)
-    b = torch.cat([mod.lora_B.detach(), -mod.init_B], 1)
+def lora_export(state: dict[str, torch.Tensor], layer: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A layer's LoRA factors as peft stores them (PiSSA/MiLoRA: relative to the original base, rank 2r)."""
+    if "init_A" not in state:
+        return {"lora_A": state["lora_A"], "lora_B": state["lora_B"]}
+    a = torch.cat([state["lora_A"], state["init_A"]], 0)
+    b = torch.cat([state["lora_B"], -state["init_B"]], 1)
     return {"lora_A": a, "lora_B": b}
 
 
-def _lora_import(mod: LoRALayer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if hasattr(mod, "init_A"):  # a peft PiSSA/MiLoRA file: the starting factors come from the SVD just made
-        state.setdefault("init_A", mod.init_A)
-        state.setdefault("init_B", mod.init_B)
-    return state
-
-
-def _register_hf() -> None:
-    from ..formats.hf_peft import HFCodec, register_codec
-
-    register_codec(HFCodec(
-        method="lora",
-        peft_type="LORA",
-        accepts=lambda d: not d.get("use_dora", False),
-        config_to_hf=lambda c, targets: lora_options_to_hf(c),
-        config_from_hf=lambda d: LoRA(**lora_options_from_hf(d, "LoRA")),
-        tensor_names=_hf_names,
-        export=_lora_export,
-        import_=_lora_import,
-    ))
-
-
-_register_hf()
+LoRA.hf_codec = HFCodec(
+    peft_type="LORA",
+    accepts=lambda d: not d.get("use_dora", False),
+    config_to_hf=lambda c, targets: lora_options_to_hf(c),
+    config_from_hf=lambda d: LoRA(**lora_options_from_hf(d, "LoRA")),
+    read_names=HF_READ_NAMES,
+    write_names=_hf_write_names,
+    options=HF_OPTIONS,
+    export=lora_export,
+)

@@ -51,9 +51,8 @@ from ..core.config import AdapterConfig, positive_int
 from ..core.errors import ConfigError
 from ..core.layers import CONV2D, EMBEDDING, HF_CONV1D, LINEAR, as_matrix, from_matrix, layer_info, layer_kind
 from ..core.registry import register
-from .lora import LORA_DEFAULT_TARGETS
-
-OFT_DEFAULT_TARGETS: dict[str, list[str]] = dict(LORA_DEFAULT_TARGETS)  # peft copies LoRA's mapping for OFT
+from ..core.targets import ATTENTION_QV
+from ..formats.codec import HFCodec
 
 
 def _given(v: Any) -> bool:
@@ -76,7 +75,7 @@ class OFT(AdapterConfig):
     paper = "Qiu et al. 2023 (arXiv:2306.07280); peft's OFT v2 conventions"
     formula = "W Rᵀ x, R block-diagonal orthogonal (Cayley transform of skew-symmetric Q); Q"
     supported_layers = (LINEAR, HF_CONV1D, CONV2D, EMBEDDING)
-    default_targets = OFT_DEFAULT_TARGETS
+    default_targets = ATTENTION_QV  # peft copies LoRA's mapping for OFT
 
     r: int | None = None
     oft_block_size: int | None = None
@@ -302,6 +301,9 @@ class OFTLayer(AdapterModule):
         m3 = m.reshape(m.shape[0], self.nblocks, self.block_size)
         return from_matrix(base, torch.einsum("onk,nck->onc", m3, r).reshape(m.shape))
 
+    def layer_facts(self) -> dict[str, Any]:
+        return {"no_hf_reason": self.no_hf_reason} if self.no_hf_reason else {}
+
     def extra_repr(self) -> str:
         c = self.config
         form = f"cayley_neumann({c.num_cayley_neumann_terms})" if c.use_cayley_neumann else "cayley"
@@ -310,13 +312,11 @@ class OFTLayer(AdapterModule):
 
 
 # -- Hugging Face PEFT format ------------------------------------------------------------------
-def _hf_names(mod: nn.Module) -> dict[str, str]:
-    if getattr(mod, "kind", None) == EMBEDDING:
+def _hf_write_names(layer: dict[str, Any]) -> dict[str, str]:
+    if layer.get("kind") == EMBEDDING:
         return {"oft_R": "oft_embedding_R.weight"}
     return {"oft_R": "oft_R.weight"}
 
-
-_hf_names.all_names = ("oft_R.weight", "oft_embedding_R.weight")  # type: ignore[attr-defined]
 
 _UNSUPPORTED_HF = {"layers_to_transform": None, "layers_pattern": None, "modules_to_save": None}
 
@@ -335,13 +335,13 @@ def oft_from_hf(d: dict[str, Any]) -> OFT:
         warnings.warn(f"OFT: module_dropout={d['module_dropout']} is ignored (peft 0.21.2 never applies it either)",
                       stacklevel=2)
     return OFT(
-        r=int(d.get("r", 0) or 0) or None,
-        oft_block_size=int(d.get("oft_block_size", 0) or 0) or None,
-        use_cayley_neumann=bool(d.get("use_cayley_neumann", True)),
-        num_cayley_neumann_terms=int(d.get("num_cayley_neumann_terms", 5)),
-        block_share=bool(d.get("block_share", False)),
-        coft=bool(d.get("coft", False)),
-        eps=float(d.get("eps", 6e-5)),
+        r=d.get("r") or None,
+        oft_block_size=d.get("oft_block_size") or None,
+        use_cayley_neumann=d.get("use_cayley_neumann", True),
+        num_cayley_neumann_terms=d.get("num_cayley_neumann_terms", 5),
+        block_share=d.get("block_share", False),
+        coft=d.get("coft", False),
+        eps=d.get("eps", 6e-5),
         adjust_to_layer=True,
         target_modules=d.get("target_modules"),
     )
@@ -375,24 +375,21 @@ def _no_hf_reason(base: nn.Module) -> str | None:
     return None
 
 
-def _oft_export(mod: OFTLayer) -> dict[str, torch.Tensor]:
-    if mod.no_hf_reason:
-        raise ConfigError(f"{mod.no_hf_reason}, so this OFT adapter has no Hugging Face PEFT form; "
+def _oft_export(state: dict[str, torch.Tensor], layer: dict[str, Any]) -> dict[str, torch.Tensor]:
+    if layer.get("no_hf_reason"):
+        raise ConfigError(f"{layer['no_hf_reason']}, so this OFT adapter has no Hugging Face PEFT form; "
                           "save it with format='peftkit'")
-    return {"oft_R": mod.oft_R.detach()}
+    return {"oft_R": state["oft_R"]}
 
 
-def _register_hf() -> None:
-    from ..formats.hf_peft import HFCodec, register_codec
-
-    register_codec(HFCodec(
-        method="oft",
-        peft_type="OFT",
-        config_to_hf=lambda c, targets: oft_to_hf(c),
-        config_from_hf=oft_from_hf,
-        tensor_names=_hf_names,
-        export=_oft_export,
-    ))
-
-
-_register_hf()
+OFT.hf_codec = HFCodec(
+    peft_type="OFT",
+    config_to_hf=lambda c, targets: oft_to_hf(c),
+    config_from_hf=oft_from_hf,
+    read_names={"oft_R.weight": "oft_R", "oft_embedding_R.weight": "oft_R"},
+    write_names=_hf_write_names,
+    options=frozenset({"r", "oft_block_size", "module_dropout", "fan_in_fan_out", "bias", "init_weights",
+                       "layers_to_transform", "layers_pattern", "modules_to_save", "coft", "eps", "block_share",
+                       "use_cayley_neumann", "num_cayley_neumann_terms"}),
+    export=_oft_export,
+)

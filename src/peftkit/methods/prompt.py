@@ -51,6 +51,8 @@ from ..core.config import AdapterConfig, one_of, positive_int
 from ..core.errors import ConfigError, PeftkitError
 from ..core.layers import EMBEDDING, layer_kind
 from ..core.registry import register
+from ..core.targets import INPUT_EMBEDDING
+from ..formats.codec import HFCodec
 
 INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -70,15 +72,7 @@ class _InputEmbeddingDefaults(dict):
         return super().get(key, [_FALLBACK_TARGET])
 
 
-_INPUT_EMBEDDING_NAMES = {
-    "embed_tokens": ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "opt", "olmo"),
-    "word_embeddings": ("bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "distilbert", "bloom",
-                        "falcon"),
-    "wte": ("gpt2", "gptj", "codegen"),
-    "embed_in": ("gpt_neox",),
-}
-DEFAULT_TARGETS = _InputEmbeddingDefaults(
-    {model_type: [name] for name, types in _INPUT_EMBEDDING_NAMES.items() for model_type in types})
+DEFAULT_TARGETS = _InputEmbeddingDefaults(INPUT_EMBEDDING)
 
 
 @register
@@ -386,17 +380,13 @@ def prompt_tuning_from_hf(d: dict[str, Any]) -> PromptTuning:
     )
 
 
-def _register_hf() -> None:
-    from ..formats.hf_peft import HFCodec, register_codec
-
-    register_codec(HFCodec(
-        method="prompt_tuning",
-        peft_type="PROMPT_TUNING",
-        config_to_hf=lambda c, targets: prompt_tuning_to_hf(c),
-        config_from_hf=prompt_tuning_from_hf,
-        tensor_names={"prompt_embeddings": "prompt_embeddings"},
-        module_level=False,
-    ))
-
-
-_register_hf()
+PromptTuning.hf_codec = HFCodec(
+    peft_type="PROMPT_TUNING",
+    config_to_hf=lambda c, targets: prompt_tuning_to_hf(c),
+    config_from_hf=prompt_tuning_from_hf,
+    read_names={"prompt_embeddings": "prompt_embeddings"},
+    options=frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
+                       "num_layers", "modules_to_save", "prompt_tuning_init", "prompt_tuning_init_text",
+                       "tokenizer_name_or_path", "tokenizer_kwargs"}),
+    module_level=False,
+)

@@ -44,6 +44,9 @@ from ..core.config import AdapterConfig
 from ..core.errors import ConfigError
 from ..core.layers import HF_CONV1D, LINEAR, layer_kind
 from ..core.registry import register
+from ..core.targeting import as_list
+from ..core.targets import NORMS
+from ..formats.codec import HFCodec
 
 ALL_BIAS_NAME = "all-bias"
 ALL_NORM_NAME = "all-norm"
@@ -98,14 +101,6 @@ def _with_selectors(patterns: Any) -> Any:
     return patterns
 
 
-def _as_list(v: Any) -> list:
-    if v is None:
-        return []
-    if isinstance(v, (str, type)):
-        return [v]
-    return list(v)
-
-
 class _FallbackDefaults(dict):
     """Per-model-type defaults that fall back to one pattern list for every other model (or plain network)."""
 
@@ -135,9 +130,9 @@ class BitFit(AdapterConfig):
 
     def __post_init__(self) -> None:
         self.target_modules = _with_selectors(self.target_modules)
-        targets = _as_list(self.target_modules)
+        targets = as_list(self.target_modules)
         if not targets or ALL_BIAS in targets:
-            excludes = _as_list(self.exclude_modules)
+            excludes = as_list(self.exclude_modules)
             if HEAD_PATTERN not in excludes:
                 self.exclude_modules = [*excludes, HEAD_PATTERN]
 
@@ -196,25 +191,6 @@ class BitFitLayer(AdapterModule):
 
 
 # -- LayerNorm tuning --------------------------------------------------------------------------
-LN_TUNING_DEFAULT_TARGETS: dict[str, list[Any]] = {
-    "llama": ["input_layernorm", "post_attention_layernorm", "norm"],
-    "bloom": ["input_layernorm", "post_attention_layernorm", "ln_f"],
-    "t5": ["layer_norm", "final_layer_norm"],
-    "mt5": ["layer_norm", "final_layer_norm"],
-    "bart": ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"],
-    "gpt2": ["ln_1", "ln_2", "ln_f"],
-    "gptj": ["ln_1", "ln_f"],
-    "falcon": ["input_layernorm", "post_attention_layernorm", "ln_f"],
-    "mistral": ["input_layernorm", "post_attention_layernorm", "norm"],
-    "phi": ["input_layernorm", "final_layernorm"],
-    "gemma": ["input_layernorm", "post_attention_layernorm", "norm"],
-    "gemma2": ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-               "post_feedforward_layernorm", "norm"],
-    "gemma3_text": ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                    "post_feedforward_layernorm", "norm"],
-    "qwen2": ["post_attention_layernorm"],
-    "qwen3": ["post_attention_layernorm"],
-}
 
 
 @register
@@ -229,7 +205,7 @@ class LayerNormTuning(AdapterConfig):
     family = "selective"
     paper = "Zhao et al. 2023 (arXiv:2312.11420); peft LN_TUNING"
     formula = "norm(x; θ′), θ′ a copy of the norm's parameters; θ′"
-    default_targets = _FallbackDefaults(LN_TUNING_DEFAULT_TARGETS, [ALL_NORM])
+    default_targets = _FallbackDefaults(NORMS, [ALL_NORM])
 
     def __post_init__(self) -> None:
         self.target_modules = _with_selectors(self.target_modules)
@@ -309,16 +285,10 @@ def _ln_from_hf(d: dict[str, Any]) -> LayerNormTuning:
     return LayerNormTuning(target_modules=conv(d.get("target_modules")), exclude_modules=conv(d.get("exclude_modules")))
 
 
-def _register_hf() -> None:
-    from ..formats.hf_peft import HFCodec, register_codec
-
-    register_codec(HFCodec(
-        method="ln_tuning",
-        peft_type="LN_TUNING",
-        config_to_hf=lambda c, targets: {"modules_to_save": None},
-        config_from_hf=_ln_from_hf,
-        tensor_names={n: f"ln_tuning_layers.{n}" for n in _LN_NAMES},
-    ))
-
-
-_register_hf()
+LayerNormTuning.hf_codec = HFCodec(
+    peft_type="LN_TUNING",
+    config_to_hf=lambda c, targets: {"modules_to_save": None},
+    config_from_hf=_ln_from_hf,
+    read_names={f"ln_tuning_layers.{n}": n for n in _LN_NAMES},
+    options=frozenset({"modules_to_save"}),
+)

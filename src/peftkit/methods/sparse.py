@@ -44,11 +44,9 @@ from ..core.config import AdapterConfig, one_of
 from ..core.errors import AdapterLoadError, ConfigError, PeftkitError
 from ..core.layers import CONV1D, CONV2D, EMBEDDING, HF_CONV1D, LINEAR, float_dtype_for_adapter
 from ..core.registry import register
+from ..core.targets import ALL_LINEAR
 
 SELECTIONS = ("magnitude", "random", "fish")
-SPARSE_DEFAULT_TARGETS: dict[str, list[str]] = {
-    family: ["all-linear"] for family in ("llama", "mistral", "qwen2", "gemma", "bert", "roberta", "gpt2", "opt", "t5", "vit")
-}
 
 
 @register
@@ -65,7 +63,7 @@ class SparseFT(AdapterConfig):
     paper = "Sung et al. 2021, FISH mask (arXiv:2111.09839); magnitude and random masks"
     formula = "W + scatter(values at indices); values"
     supported_layers = (LINEAR, HF_CONV1D, CONV1D, CONV2D, EMBEDDING)
-    default_targets = SPARSE_DEFAULT_TARGETS
+    default_targets = ALL_LINEAR
 
     density: float = 0.01
     selection: str = "magnitude"
@@ -240,10 +238,10 @@ def fish_scores(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.
     scores shaped like the weight, in float32. Weights are not changed, and neither are the
     parameters' ``requires_grad`` flags or ``.grad`` fields.
     """
-    from ..core.api import _model_type
+    from ..core.api import model_type as _model_type
     from ..core.targeting import display_name, resolve_targets
 
-    default = SPARSE_DEFAULT_TARGETS.get(_model_type(model) or "", None)
+    default = ALL_LINEAR.get(_model_type(model) or "", None)
     names = resolve_targets(model, target_modules, exclude_modules, default)
     weights: dict[str, torch.Tensor] = {}
     for n in names:

@@ -123,14 +123,14 @@ def save(output: Path, model: nn.Module, extra: dict[str, nn.Parameter], optimiz
     ``best``: the best-so-far trained tensors (as :func:`trained_tensors`), kept as ``best.safetensors``.
     ``rank_rngs``: under ``torchrun``, every rank's :func:`capture_rng` in rank order.
     """
-    import peftkit
+    from ..io import save
 
     output.mkdir(parents=True, exist_ok=True)
     tmp = output / f".checkpoint.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     if adapter_names(model):
-        peftkit.save(model, tmp / "adapter")
+        save(model, tmp / "adapter")
     trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": rng["torch"]}
     if "cuda" in rng:
         trainer["cuda_rng"] = rng["cuda"]

@@ -286,12 +286,11 @@ def _write_outputs(model: nn.Module, extra: dict[str, nn.Parameter], output: Pat
                    config: TrainConfig, history: list[dict[str, Any]], main: bool = True) -> None:
     """The adapter, extra weights, metrics, plot and report. Under FSDP every rank calls this (the adapter and
     extra tensors are gathered) and only the ``main`` rank writes."""
-    import peftkit
-
     from ..core.model import adapter_names
+    from ..io import save
 
     if adapter_names(model):
-        peftkit.save(model, output / "adapter")
+        save(model, output / "adapter")
     full_extra = full_state(dict(extra))
     if not main:
         return
