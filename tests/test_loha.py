@@ -10,7 +10,7 @@ from peft import LoHaConfig, get_peft_model
 import peftkit
 from peftkit.methods.loha import FusedHadamardLinear, HadamardLinear, cp_hadamard_weight
 
-from .lycoris_helpers import assert_same_forward_and_gradients
+from .lycoris_helpers import assert_files_both_ways, assert_same_forward_and_gradients
 from .models import MODELS
 from .models import outputs as _outputs
 
@@ -42,6 +42,15 @@ def test_forward_and_gradients_equal_peft(arch, kw):
     # peft's CP-form backward (HadaWeightCP) is not the gradient of its forward (see the test below):
     # there only the forward is compared, and our gradients come from autograd
     assert_same_forward_and_gradients(pm, ours, inputs, out, gradients=not kw.get("use_effective_conv2d"))
+
+
+
+FILE_CASES = [PEFT_CASES[i] for i in [1, 3, 4]]
+
+
+@pytest.mark.parametrize("arch,kw", FILE_CASES, ids=[f"{a}-{i}" for i, (a, _) in zip([1, 3, 4], FILE_CASES, strict=True)])
+def test_files_both_ways_with_peft(arch, kw, tmp_path):
+    assert_files_both_ways(arch, LoHaConfig(init_weights=False, **kw), ours_config(kw), tmp_path)
 
 
 def test_init_matches_peft_layout_and_is_identity():

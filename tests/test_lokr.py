@@ -10,7 +10,7 @@ from peft.tuners.lokr.layer import factorization as peft_factorization
 import peftkit
 from peftkit.methods.lokr import factorization
 
-from .lycoris_helpers import assert_same_forward_and_gradients
+from .lycoris_helpers import assert_files_both_ways, assert_same_forward_and_gradients
 from .models import MODELS
 from .models import outputs as _outputs
 
@@ -45,6 +45,15 @@ def test_forward_and_gradients_equal_peft(arch, kw):
 @pytest.mark.parametrize("factor", [-1, 2, 4, 5, 16])
 def test_factorization_matches_peft(n, factor):
     assert factorization(n, factor) == peft_factorization(n, factor)
+
+
+
+FILE_CASES = [PEFT_CASES[i] for i in [1, 3, 4, 5]]
+
+
+@pytest.mark.parametrize("arch,kw", FILE_CASES, ids=[f"{a}-{i}" for i, (a, _) in zip([1, 3, 4, 5], FILE_CASES, strict=True)])
+def test_files_both_ways_with_peft(arch, kw, tmp_path):
+    assert_files_both_ways(arch, LoKrConfig(init_weights=False, **kw), ours_config(kw), tmp_path)
 
 
 def test_factor_shapes_multiply_to_the_weight_shape_and_init_is_identity():

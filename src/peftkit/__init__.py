@@ -39,15 +39,17 @@ from .methods.kradapter import KRAdapter
 from .methods.loha import LoHa
 from .methods.lokr import LoKr
 from .methods.lora import LoRA, lora_plus_param_groups
+from .methods.nola import NOLA
 from .methods.oft import OFT
 from .methods.prompt import PromptTuning
 from .methods.selection import BitFit, LayerNormTuning
 from .methods.sparse import SparseFT, fish_scores
+from .methods.vera import VeRA
 
 __all__ = [
     "IA3",
-    "KRAdapter",
     "METHODS",
+    "NOLA",
     "OFT",
     "AdapterConfig",
     "AdapterLoadError",
@@ -57,6 +59,7 @@ __all__ = [
     "Bottleneck",
     "ConfigError",
     "DoRA",
+    "KRAdapter",
     "LayerNormTuning",
     "LoHa",
     "LoKr",
@@ -67,6 +70,7 @@ __all__ = [
     "PromptTuning",
     "SparseFT",
     "TargetError",
+    "VeRA",
     "activate",
     "active_names",
     "adapter_names",

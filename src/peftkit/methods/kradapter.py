@@ -33,6 +33,7 @@ from ..core.config import AdapterConfig
 from ..core.errors import ConfigError
 from ..core.layers import HF_CONV1D, LINEAR, layer_info
 from ..core.registry import register
+from ..core.targets import ATTENTION_QV
 
 
 def kr_shape(out_f: int, in_f: int) -> tuple[int, int, int]:
@@ -53,7 +54,7 @@ class KRAdapter(AdapterConfig):
     paper = "Albert et al. 2025 (arXiv:2508.00230)"
     formula = "W x + s·crop(V ⊙row U) x, row i = V_i ⊗ U_i; U, V"
     supported_layers = (LINEAR, HF_CONV1D)
-    default_targets = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "gpt2": ["c_attn"]}
+    default_targets = ATTENTION_QV
 
     scale: float = 2.0
 

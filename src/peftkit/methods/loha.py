@@ -34,22 +34,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterModule
+from ..core.config import LowRankOptions
 from ..core.layers import CONV1D, CONV2D, LINEAR, layer_kind
 from ..core.registry import register
-from ._lowrank_tmp import LowRankOptions
-from .lycoris import check_conv, check_dropouts, conv_delta, rank_mask, skip_module
-
-LYCORIS_DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "opt": ["q_proj", "v_proj"],
-    "t5": ["q", "v"],
-    "vit": ["query", "value"],
-}
+from ..core.targets import ATTENTION_QV
+from ..formats.codec import HFCodec
+from .lycoris import (
+    LYCORIS_HF_OPTIONS,
+    check_conv,
+    check_dropouts,
+    conv_delta,
+    lycoris_options_from_hf,
+    lycoris_options_to_hf,
+    rank_mask,
+    skip_module,
+)
 
 
 @register
@@ -67,7 +66,7 @@ class LoHa(LowRankOptions):
     paper = "Hyeon-Woo et al. 2022 (arXiv:2108.06098), LyCORIS"
     formula = "W x + s·((W1a W1b) ⊙ (W2a W2b)) x; W1a, W1b, W2a, W2b"
     supported_layers = (LINEAR, CONV1D, CONV2D)
-    default_targets = LYCORIS_DEFAULT_TARGETS
+    default_targets = ATTENTION_QV  # peft copies LoRA's mapping for LoHa
 
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
@@ -234,3 +233,13 @@ class FusedHadamardLinear(torch.autograd.Function):
         t = gw.mul_(p1)
         grad_w2a, grad_w2b = torch.mm(t, w2b.t()), torch.mm(w2a.t(), t)
         return grad_x, None, None, grad_w1a, grad_w1b, grad_w2a, grad_w2b, None
+
+
+# -- Hugging Face PEFT format: peft_type "LOHA", tensors named as ours ----------------------------
+LoHa.hf_codec = HFCodec(
+    peft_type="LOHA",
+    config_to_hf=lambda c, targets: lycoris_options_to_hf(c, "LoHa"),
+    config_from_hf=lambda d: LoHa(**lycoris_options_from_hf(d, "LoHa")),
+    read_names={n: n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
+    options=LYCORIS_HF_OPTIONS,
+)

@@ -34,13 +34,22 @@ import torch
 from torch import nn
 
 from ..core.adapter import AdapterModule
-from ..core.config import positive_int
+from ..core.config import LowRankOptions, positive_int
 from ..core.errors import ConfigError
 from ..core.layers import CONV1D, CONV2D, LINEAR, layer_kind
 from ..core.registry import register
-from ._lowrank_tmp import LowRankOptions
-from .loha import LYCORIS_DEFAULT_TARGETS
-from .lycoris import check_conv, check_dropouts, conv_delta, rank_mask, skip_module
+from ..core.targets import ATTENTION_QV
+from ..formats.codec import HFCodec
+from .lycoris import (
+    LYCORIS_HF_OPTIONS,
+    check_conv,
+    check_dropouts,
+    conv_delta,
+    lycoris_options_from_hf,
+    lycoris_options_to_hf,
+    rank_mask,
+    skip_module,
+)
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -80,7 +89,7 @@ class LoKr(LowRankOptions):
     paper = "Edalati et al. 2022 (arXiv:2212.10650), LyCORIS"
     formula = "W x + s·(C ⊗ W2a W2b) x; C (or W1a W1b), W2a, W2b"
     supported_layers = (LINEAR, CONV1D, CONV2D)
-    default_targets = LYCORIS_DEFAULT_TARGETS
+    default_targets = ATTENTION_QV  # peft copies LoRA's mapping for LoKr
 
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
@@ -110,6 +119,17 @@ class LoKr(LowRankOptions):
 def kron_shapes(out_f: int, in_f: int, factor: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """``((a, b), (c, d))`` with ``out = a·b``, ``in = c·d``: ``C`` is ``a×c`` and ``M`` is ``b×d``."""
     return factorization(out_f, factor), factorization(in_f, factor)
+
+
+def kron_first_two(c: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``C ⊗ M`` over the first two axes (``M``'s further kernel axes carried along): entry
+    ``[i·b + j, p·d + q, …] = C[i, p] · M[j, q, …]``, by broadcasting (``torch.kron`` views its inputs,
+    which fails on the strides einsum can return)."""
+    a, c_ = c.shape
+    b, d, *rest = m.shape
+    ones = [1] * len(rest)
+    prod = c.reshape(a, 1, c_, 1, *ones) * m.reshape(1, b, 1, d, *rest)
+    return prod.reshape(a * b, c_ * d, *rest)
 
 
 class LoKrLayer(AdapterModule):
@@ -173,10 +193,9 @@ class LoKrLayer(AdapterModule):
     def delta_weight_tensor(self) -> torch.Tensor:
         """``s · C ⊗ M`` laid out like the base weight (with autograd)."""
         c, m = self.first_factor(), self.second_factor()
-        if m.dim() == 4:  # a kernel-carrying M: the Kronecker product over the first two axes only
-            c = c[:, :, None, None]
-        # a 3-D M (full lokr_w2 of a Conv1d) goes through torch.kron as is, as peft does, so files agree
-        return (torch.kron(c, m.contiguous()) * self.scaling).reshape(self._weight_shape)
+        if m.dim() == 3:  # a full lokr_w2 of a Conv1d goes through torch.kron as is, as peft does, so files agree
+            return (torch.kron(c, m) * self.scaling).reshape(self._weight_shape)
+        return (kron_first_two(c, m) * self.scaling).reshape(self._weight_shape)
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         return self.delta_weight_tensor()
@@ -201,3 +220,25 @@ class LoKrLayer(AdapterModule):
             mask = rank_mask(self._weight_shape[0], self.rank_dropout, self.rank_dropout_scale, delta)
             delta = delta * (mask if self.kind == LINEAR else mask.view(-1, *([1] * (delta.dim() - 2))))
         return y + delta if delta.dtype == y.dtype else y + delta.to(y.dtype)
+
+
+# -- Hugging Face PEFT format: peft_type "LOKR", tensors named as ours ----------------------------
+def _lokr_to_hf(config: LoKr) -> dict[str, Any]:
+    out = lycoris_options_to_hf(config, "LoKr")
+    out.update(decompose_both=config.decompose_both, decompose_factor=config.decompose_factor,
+               rank_dropout_scale=config.rank_dropout_scale)
+    return out
+
+
+def _lokr_from_hf(d: dict[str, Any]) -> LoKr:
+    return LoKr(**lycoris_options_from_hf(d, "LoKr"), decompose_both=d.get("decompose_both", False),
+                decompose_factor=d.get("decompose_factor", -1), rank_dropout_scale=d.get("rank_dropout_scale", False))
+
+
+LoKr.hf_codec = HFCodec(
+    peft_type="LOKR",
+    config_to_hf=lambda c, targets: _lokr_to_hf(c),
+    config_from_hf=_lokr_from_hf,
+    read_names={n: n for n in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")},
+    options=LYCORIS_HF_OPTIONS | {"decompose_both", "decompose_factor", "rank_dropout_scale"},
+)

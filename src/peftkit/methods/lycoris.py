@@ -55,30 +55,32 @@ def conv_delta(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.
     return conv(x, weight, None, base.stride, base.padding, base.dilation, base.groups)
 
 
+#: the peft LoHaConfig/LoKrConfig keys the readers use (any other key with a value that is not
+#: switched off is refused at load by the codec)
+LYCORIS_HF_OPTIONS = frozenset({"r", "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d",
+                                "rank_pattern", "alpha_pattern", "init_weights"})
+
+
 def lycoris_options_from_hf(d: dict[str, Any], owner: str) -> dict[str, Any]:
-    """The options LoHa and LoKr share, from a peft config dict (peft-only options refused by name)."""
-    if d.get("layers_to_transform") is not None or d.get("layers_pattern"):
-        raise ConfigError(f"peft option layers_to_transform/layers_pattern is not supported by peftkit's {owner}; "
-                          "list the modules in target_modules instead")
-    if d.get("modules_to_save"):
-        raise ConfigError(f"peft option modules_to_save={d['modules_to_save']!r} is not supported by peftkit's {owner}")
-    init = d.get("init_weights", True)
-    if init not in (True, False) and owner != "LoKr":
-        raise ConfigError(f"peft init_weights={init!r} is not supported by peftkit's {owner}")
+    """The options LoHa and LoKr share, from a peft config dict (``init_weights`` only says how peft
+    initialised the factors, which the file overrides)."""
     return {
-        "r": int(d.get("r", 8)),
+        "r": d.get("r", 8),
         "alpha": d.get("alpha", 8),
-        "rank_dropout": float(d.get("rank_dropout", 0.0) or 0.0),
-        "module_dropout": float(d.get("module_dropout", 0.0) or 0.0),
-        "use_effective_conv2d": bool(d.get("use_effective_conv2d", False)),
-        "rank_pattern": dict(d.get("rank_pattern") or {}),
-        "alpha_pattern": dict(d.get("alpha_pattern") or {}),
+        "rank_dropout": d.get("rank_dropout") or 0.0,
+        "module_dropout": d.get("module_dropout") or 0.0,
+        "use_effective_conv2d": d.get("use_effective_conv2d", False),
+        "rank_pattern": d.get("rank_pattern") or {},
+        "alpha_pattern": d.get("alpha_pattern") or {},
         "target_modules": d.get("target_modules"),
         "exclude_modules": d.get("exclude_modules"),
     }
 
 
-def lycoris_options_to_hf(config: Any) -> dict[str, Any]:
+def lycoris_options_to_hf(config: Any, owner: str) -> dict[str, Any]:
+    if config.use_rslora:
+        raise ConfigError(f"{owner}: peft's {owner} has no rsLoRA scale (alpha/√r); this adapter cannot be written "
+                          "in the Hugging Face PEFT format (save it in peftkit's format)")
     return {
         "r": config.r,
         "alpha": config.alpha,

@@ -27,18 +27,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterModule
-from ..core.config import positive_int
+from ..core.config import LowRankOptions, positive_int
 from ..core.errors import ConfigError
 from ..core.layers import HF_CONV1D, LINEAR, layer_info
 from ..core.registry import register
-from ._lowrank_tmp import LowRankOptions
+from ..core.targets import ATTENTION_QV
+from .vera import target_infos
 
 
-def nola_bases(k: int, l: int, r: int, in_max: int, out_max: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A_bases (k, r, in_max), B_bases (l, out_max, r))`` from one CPU generator seeded with ``seed``."""
+def nola_bases(k: int, n_b: int, r: int, in_max: int, out_max: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A_bases (k, r, in_max), B_bases (n_b, out_max, r))`` from one CPU generator seeded with ``seed``."""
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     a = torch.empty(k, r, in_max).uniform_(-math.sqrt(6.0 / in_max), math.sqrt(6.0 / in_max), generator=g)
-    b = torch.empty(l, out_max, r).uniform_(-math.sqrt(6.0 / r), math.sqrt(6.0 / r), generator=g)
+    b = torch.empty(n_b, out_max, r).uniform_(-math.sqrt(6.0 / r), math.sqrt(6.0 / r), generator=g)
     return a, b
 
 
@@ -52,7 +53,7 @@ class NOLA(LowRankOptions):
     paper = "Koohpayegani et al. 2024 (arXiv:2310.02556)"
     formula = "W x + s·(Σ β_j B_j)(Σ α_i A_i) x, A_i, B_j frozen random shared; α, β"
     supported_layers = (LINEAR, HF_CONV1D)
-    default_targets = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "gpt2": ["c_attn"]}
+    default_targets = ATTENTION_QV
 
     num_basis_a: int = 64
     num_basis_b: int = 64
@@ -77,7 +78,7 @@ class NOLA(LowRankOptions):
         return None
 
     def build_shared(self, model: nn.Module, module_names: list[str]) -> dict[str, torch.Tensor]:
-        infos = [layer_info(model.get_submodule(n)) for n in module_names]
+        infos = target_infos(model, module_names)
         r_max = max(self.rank_for(n) for n in module_names)
         a, b = nola_bases(self.num_basis_a, self.num_basis_b, r_max, max(i.in_features for i in infos),
                           max(i.out_features for i in infos), self.seed)

@@ -33,20 +33,11 @@ from torch import nn
 from ..core.adapter import AdapterModule
 from ..core.config import AdapterConfig, positive_int, probability
 from ..core.errors import ConfigError
-from ..core.layers import HF_CONV1D, LINEAR, layer_info
+from ..core.layers import HF_CONV1D, LINEAR, LayerInfo, layer_info
 from ..core.registry import register
-
-VERA_DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "gpt2": ["c_attn"],
-    "opt": ["q_proj", "v_proj"],
-    "t5": ["q", "v"],
-}
+from ..core.site import AdapterSite
+from ..core.targets import ATTENTION_QV
+from ..formats.codec import HFCodec
 
 
 def kaiming_bases(r: int, in_max: int, out_max: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +51,15 @@ def kaiming_bases(r: int, in_max: int, out_max: int, seed: int) -> tuple[torch.T
         bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
         out.append(torch.empty(shape).uniform_(-bound, bound, generator=g))
     return out[0], out[1]
+
+
+def target_infos(model: nn.Module, module_names: list[str]) -> list[LayerInfo]:
+    """The layer facts of the named modules (the base layer where a module already holds adapters)."""
+    out = []
+    for n in module_names:
+        m = model.get_submodule(n)
+        out.append(layer_info(m.base if isinstance(m, AdapterSite) else m))
+    return out
 
 
 @register
@@ -77,7 +77,7 @@ class VeRA(AdapterConfig):
     paper = "Kopiczko et al. 2024 (arXiv:2310.11454)"
     formula = "W x + b ⊙ B (d ⊙ A x), A, B frozen random shared; d, b"
     supported_layers = (LINEAR, HF_CONV1D)
-    default_targets = VERA_DEFAULT_TARGETS
+    default_targets = ATTENTION_QV  # peft's VeRA mapping is LoRA's
 
     r: int = 256
     projection_prng_key: int = 0
@@ -107,7 +107,7 @@ class VeRA(AdapterConfig):
 
     def build_shared(self, model: nn.Module, module_names: list[str]) -> dict[str, torch.Tensor]:
         """The frozen ``vera_A``, ``vera_B`` sized by the largest targeted input / output."""
-        infos = [layer_info(model.get_submodule(n)) for n in module_names]
+        infos = target_infos(model, module_names)
         in_max = max(i.in_features for i in infos)
         out_max = max(i.out_features for i in infos)
         a, b = kaiming_bases(self.r, in_max, out_max, self.projection_prng_key)
@@ -121,6 +121,8 @@ class VeRALayer(AdapterModule):
     """``vera_lambda_d`` ``(r,)`` and ``vera_lambda_b`` ``(out,)``; the bases come from ``self.shared``."""
 
     shared: nn.Module  # set by the engine: buffers vera_A (r×in_max), vera_B (out_max×r)
+    #: a file may leave the bases out (peft's save_projection=False): they are regenerated from the seed
+    optional_state = ("shared.vera_A", "shared.vera_B")
 
     def __init__(self, config: VeRA, base: nn.Module, module_name: str) -> None:
         super().__init__(config, base)
@@ -152,3 +154,41 @@ class VeRALayer(AdapterModule):
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         da, bb = self.factors()
         return self.unmatrix(base, bb @ da)
+
+
+# -- Hugging Face PEFT format: peft_type "VERA" ------------------------------------------------------
+def _vera_to_hf(config: VeRA) -> dict[str, Any]:
+    return {
+        "r": config.r,
+        "projection_prng_key": config.projection_prng_key,
+        "save_projection": config.save_projection,
+        "vera_dropout": config.dropout,
+        "d_initial": config.d_initial,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "init_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "modules_to_save": None,
+    }
+
+
+def _vera_from_hf(d: dict[str, Any]) -> VeRA:
+    return VeRA(r=d.get("r", 256), projection_prng_key=d.get("projection_prng_key", 0),
+                save_projection=d.get("save_projection", True), dropout=d.get("vera_dropout") or 0.0,
+                d_initial=d.get("d_initial", 0.1), target_modules=d.get("target_modules"),
+                exclude_modules=d.get("exclude_modules"))
+
+
+VeRA.hf_codec = HFCodec(
+    peft_type="VERA",
+    config_to_hf=lambda c, targets: _vera_to_hf(c),
+    config_from_hf=_vera_from_hf,
+    read_names={"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"},
+    # fan_in_fan_out only says the layer is a transformers Conv1D (peft sets it itself); init_weights: how
+    # peft initialised the vectors, which the file overrides
+    options=frozenset({"r", "projection_prng_key", "save_projection", "vera_dropout", "d_initial", "fan_in_fan_out",
+                       "init_weights"}),
+    shared_names={"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"},
+    write_shared=lambda config: bool(config.save_projection),
+)
