@@ -7,7 +7,8 @@ process and the figure is the ratio of median step times. Memory: the bytes auto
 backward during one step (deterministic; parameters and buffers excluded) and the peak resident
 memory of a separate process per library doing the same steps.
 
-    nice -n 10 python benchmarks/lowrank_step.py [--steps 6] [--methods vera,loha,lokr] [--json out.json]
+    nice -n 10 python benchmarks/lowrank_step.py [--steps 6] [--warmup 2] [--rss-steps 3] [--methods vera,loha,lokr]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -63,26 +64,26 @@ def rss_child(lib: str, method: str, steps: int) -> None:
     print(json.dumps({"peak_rss_mb": C.current_peak_rss_mb(), "rss_before_mb": before}))
 
 
-def peak_rss(lib: str, method: str, steps: int = 3) -> dict[str, float]:
+def peak_rss(lib: str, method: str, steps: int) -> dict[str, float]:
     out = subprocess.run([sys.executable, __file__, "--rss-child", lib, "--methods", method, "--steps", str(steps)],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(method: str, steps: int) -> dict[str, float]:
+def run(method: str, steps: int, warmup: int = 2, rss_steps: int = 3) -> dict[str, float]:
     C.setup()
     models = {lib: build(method) for lib, build in BUILDERS.items()}
     trainable = {lib: sum(p.numel() for p in m.parameters() if p.requires_grad) for lib, m in models.items()}
     assert trainable["peftkit"] == trainable["peft"], trainable  # the same method, the same parameters
     batch = C.token_batch(4, 128, models["peft"].config.vocab_size)
     fns = {lib: C.train_step_fn(m, batch) for lib, m in models.items()}
-    times = C.alternate(fns, steps)
+    times = C.alternate(fns, steps, warmup=warmup)
     saved = {}
     for lib, m in models.items():
         m.train()
         saved[lib] = C.saved_activation_bytes(lambda m=m: m(**batch).loss, m)
     del models, fns
-    rss = {lib: peak_rss(lib, method) for lib in BUILDERS}
+    rss = {lib: peak_rss(lib, method, rss_steps) for lib in BUILDERS}
     res = {
         "trainable_params": float(trainable["peftkit"]),
         "peftkit_step_s": C.median(times["peftkit"]),
@@ -101,6 +102,8 @@ def run(method: str, steps: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
+    ap.add_argument("--rss-steps", type=int, default=3, help="steps of each peak-memory child process")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--json", default=None)
     ap.add_argument("--rss-child", default=None, choices=list(BUILDERS))
@@ -111,7 +114,7 @@ def main() -> None:
         return
     results = {}
     for method in methods:
-        results[method] = res = run(method, a.steps)
+        results[method] = res = run(method, a.steps, a.warmup, a.rss_steps)
         C.report(f"{method} training step, SmolLM2-135M all block linears, batch 4x128",
                  [(k, f"{v:.4f}") for k, v in res.items()])
     if a.json:
