@@ -91,17 +91,18 @@ def test_peft_file_loads_with_same_outputs(save_projection, tmp_path):
     assert torch.allclose(_outputs(base, inputs, out), ref, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("save_projection", [True, False])
-def test_hf_export_loads_in_peft(save_projection, tmp_path):
-    model, inputs, out = MODELS["llama"](0)
+@pytest.mark.parametrize("arch,targets,save_projection", [("llama", TARGETS, True), ("llama", TARGETS, False),
+                                                           ("gpt2", ["c_attn", "c_fc"], True)])
+def test_hf_export_loads_in_peft(arch, targets, save_projection, tmp_path):
+    model, inputs, out = MODELS[arch](0)
     peftkit.attach(model, peftkit.VeRA(r=8, projection_prng_key=5, save_projection=save_projection,
-                                       target_modules=TARGETS))
+                                       target_modules=targets))
     randomize(model)
     ours = _outputs(model, inputs, out)
     peftkit.save(model, tmp_path, format="hf")
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "VERA" and cfg["projection_prng_key"] == 5 and cfg["save_projection"] is save_projection
-    base, _, _ = MODELS["llama"](0)
+    base, _, _ = MODELS[arch](0)
     pm = PeftModel.from_pretrained(base, tmp_path).eval()
     assert torch.allclose(_outputs(pm, inputs, out), ours, atol=1e-5, rtol=1e-4)
 
