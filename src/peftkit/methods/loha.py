@@ -239,7 +239,7 @@ class FusedHadamardLinear(torch.autograd.Function):
 LoHa.hf_codec = HFCodec(
     peft_type="LOHA",
     config_to_hf=lambda c, targets: lycoris_options_to_hf(c, "LoHa"),
-    config_from_hf=lambda d: LoHa(**lycoris_options_from_hf(d, "LoHa")),
+    config_from_hf=lambda d: LoHa(**lycoris_options_from_hf(d)),
     read_names={n: n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
     options=LYCORIS_HF_OPTIONS,
 )

@@ -231,7 +231,7 @@ def _lokr_to_hf(config: LoKr) -> dict[str, Any]:
 
 
 def _lokr_from_hf(d: dict[str, Any]) -> LoKr:
-    return LoKr(**lycoris_options_from_hf(d, "LoKr"), decompose_both=d.get("decompose_both", False),
+    return LoKr(**lycoris_options_from_hf(d), decompose_both=d.get("decompose_both", False),
                 decompose_factor=d.get("decompose_factor", -1), rank_dropout_scale=d.get("rank_dropout_scale", False))
 
 

@@ -1,7 +1,7 @@
 """What LoHa and LoKr share (the LyCORIS family, peft's ``LycorisTuner``): dropouts, conv calls, peft options.
 
-Both methods build a dense ``ΔW`` from small trained factors and add ``ΔW x`` to the frozen
-layer's output. Two regularisers act in training only (peft 0.21.2 semantics):
+Both methods make ``ΔW`` from small trained factors and add ``ΔW x`` to the frozen layer's
+output. Two regularisers act in training only (peft 0.21.2 semantics):
 
 * ``rank_dropout = p``: each output row of ``ΔW`` is kept with probability ``1 − p``
   (``ΔW ← diag(m) ΔW``, ``m_i ~ Bernoulli(1 − p)``), and the mask is divided by its mean
@@ -45,7 +45,7 @@ def rank_mask(n_out: int, p: float, scale: bool, like: torch.Tensor) -> torch.Te
     """The rank-dropout mask over output rows (divided by its mean when ``scale``), shape ``(n_out,)``."""
     keep = (torch.rand(n_out) > p).to(device=like.device, dtype=like.dtype)
     if scale:
-        keep = keep / keep.mean()  # all rows dropped gives NaN, as in peft
+        keep = keep / keep.mean().clamp_min(1e-12)  # every row dropped: zeros (peft divides 0 by 0)
     return keep
 
 
@@ -61,7 +61,7 @@ LYCORIS_HF_OPTIONS = frozenset({"r", "alpha", "rank_dropout", "module_dropout", 
                                 "rank_pattern", "alpha_pattern", "init_weights"})
 
 
-def lycoris_options_from_hf(d: dict[str, Any], owner: str) -> dict[str, Any]:
+def lycoris_options_from_hf(d: dict[str, Any]) -> dict[str, Any]:
     """The options LoHa and LoKr share, from a peft config dict (``init_weights`` only says how peft
     initialised the factors, which the file overrides)."""
     return {
