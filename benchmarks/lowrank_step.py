@@ -78,24 +78,27 @@ def run(method: str, steps: int, warmup: int = 2, rss_steps: int = 3) -> dict[st
     batch = C.token_batch(4, 128, models["peft"].config.vocab_size)
     fns = {lib: C.train_step_fn(m, batch) for lib, m in models.items()}
     times = C.alternate(fns, steps, warmup=warmup)
-    saved = {}
-    for lib, m in models.items():
-        m.train()
-        saved[lib] = C.saved_activation_bytes(lambda m=m: m(**batch).loss, m)
-    del models, fns
-    rss = {lib: peak_rss(lib, method, rss_steps) for lib in BUILDERS}
     res = {
         "trainable_params": float(trainable["peftkit"]),
         "peftkit_step_s": C.median(times["peftkit"]),
         "peft_step_s": C.median(times["peft"]),
-        "saved_mb_peftkit": saved["peftkit"] / 2**20,
-        "saved_mb_peft": saved["peft"] / 2**20,
-        "peak_rss_mb_peftkit": rss["peftkit"]["peak_rss_mb"],
-        "peak_rss_mb_peft": rss["peft"]["peak_rss_mb"],
     }
     res["time_ratio"] = res["peftkit_step_s"] / res["peft_step_s"]
+    print(f"{method}: step times {times} -> ratio {res['time_ratio']:.3f}", flush=True)
+    saved = {}
+    for lib, m in models.items():
+        m.train()
+        saved[lib] = C.saved_activation_bytes(lambda m=m: m(**batch).loss, m)
+    res["saved_mb_peftkit"] = saved["peftkit"] / 2**20
+    res["saved_mb_peft"] = saved["peft"] / 2**20
     res["saved_memory_ratio"] = res["saved_mb_peftkit"] / res["saved_mb_peft"]
-    res["peak_rss_ratio"] = res["peak_rss_mb_peftkit"] / res["peak_rss_mb_peft"]
+    print(f"{method}: saved for backward {res['saved_mb_peftkit']:.1f} MB vs {res['saved_mb_peft']:.1f} MB", flush=True)
+    del models, fns
+    if rss_steps > 0:  # --rss-steps 0 skips the two peak-memory processes (a loaded machine)
+        rss = {lib: peak_rss(lib, method, rss_steps) for lib in BUILDERS}
+        res["peak_rss_mb_peftkit"] = rss["peftkit"]["peak_rss_mb"]
+        res["peak_rss_mb_peft"] = rss["peft"]["peak_rss_mb"]
+        res["peak_rss_ratio"] = res["peak_rss_mb_peftkit"] / res["peak_rss_mb_peft"]
     return res
 
 
@@ -103,7 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
-    ap.add_argument("--rss-steps", type=int, default=3, help="steps of each peak-memory child process")
+    ap.add_argument("--rss-steps", type=int, default=3, help="steps of each peak-memory child process (0: skip)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--json", default=None)
     ap.add_argument("--rss-child", default=None, choices=list(BUILDERS))
