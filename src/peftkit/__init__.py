@@ -5,6 +5,7 @@
 """
 
 from ._version import __version__ as __version__
+from .compress import compress
 from .core.adapter_state import AdapterState, extract, install
 from .core.api import (
     activate,
@@ -32,6 +33,7 @@ from .core.model import active_names, adapter_names
 from .core.registry import METHODS, get_method, method_table, register
 from .core.summary import summary
 from .io import load, read_adapters, save, write_adapters
+from .merging import extract_lora, learn_coefficients, merge_adapters, merge_checkpoints
 from .methods.bottleneck import Bottleneck
 from .methods.dora import DoRA
 from .methods.ia3 import IA3
@@ -76,16 +78,21 @@ __all__ = [
     "adapter_names",
     "adapter_parameters",
     "attach",
+    "compress",
     "delete",
     "disabled",
     "extract",
+    "extract_lora",
     "fish_scores",
     "get_adapter",
     "get_method",
     "install",
+    "learn_coefficients",
     "load",
     "lora_plus_param_groups",
     "merge",
+    "merge_adapters",
+    "merge_checkpoints",
     "method_table",
     "mixed_batch",
     "read_adapters",

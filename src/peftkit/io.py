@@ -26,7 +26,7 @@ from .core.files import FolderReader, write_folder
 from .core.model import active_names, adapter_names, check_names, iter_sites
 from .core.sharding import check_unsharded, is_sharded, write_once_with
 from .core.targeting import display_name
-from .formats import hf_peft
+from .formats import compressed, hf_peft
 from .formats import peftkit as native
 
 FORMATS = ("peftkit", "hf")
@@ -78,14 +78,18 @@ def read_adapters(path: str | Path, name: str | None = None, attempts: int = 5) 
     if root.is_file():
         raise AdapterLoadError(f"{root}: expected an adapter directory, got a file (pass the folder that holds it)")
     for attempt in range(attempts):
+        reader = None
         try:
-            with FolderReader(root) as reader:
-                return _read_folder(reader, name)
+            reader = FolderReader(root)
+            return _read_folder(reader, name)
         except AdapterLoadError as e:
-            if attempt + 1 < attempts and _torn(e):
+            if attempt + 1 < attempts and ((reader is not None and reader.stale()) or _torn(e)):
                 time.sleep(0.002 * (attempt + 1))
                 continue
             raise
+        finally:
+            if reader is not None:
+                reader.close()
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -96,7 +100,7 @@ def _torn(e: AdapterLoadError) -> bool:
 
 
 def _read_folder(reader: FolderReader, name: str | None) -> list[AdapterState]:
-    for fmt in (native, hf_peft):
+    for fmt in (native, hf_peft, compressed):  # compressed: written by peftkit.compress
         if fmt.detect(reader):
             return [fmt.read(reader, name)]
     subs = []

@@ -294,3 +294,9 @@ def demo(args: argparse.Namespace, extra: list[str]) -> int:
     return run_demo(Path(args.output), args.steps, args.model)
 
 
+
+
+def serve(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..serve.server import serve as run_server
+
+    return run_server(args)

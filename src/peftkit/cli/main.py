@@ -6,6 +6,7 @@
     peftkit generate --adapter out/adapter --prompt "Reverse: red cat"
     peftkit info out/adapter
     peftkit demo
+    peftkit serve --model smollm2-135m --adapters out/a out/b --max-adapters 8 --port 8000
 
 Bad input (an unknown method, option, column or file) prints one line naming it, with the
 closest valid choice, and exits with code 2 before anything is written.
@@ -95,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=100)
     d.add_argument("--model", default="smollm2-135m")
     d.set_defaults(func=commands.demo)
+
+    from ..serve.server import add_arguments as serve_arguments
+
+    s = sub.add_parser("serve", allow_abbrev=False, help="OpenAI-compatible server: one base model, many adapters")
+    serve_arguments(s)
+    s.set_defaults(func=commands.serve)
+
+    from .merge_commands import add_parsers as add_merge_parsers  # peftkit merge / peftkit compress
+
+    add_merge_parsers(sub)
     return ap
 
 

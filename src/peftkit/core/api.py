@@ -163,7 +163,8 @@ def install_plan(model: nn.Module, plan: Plan, name: str, trainable: bool = True
             module.on_detach()
             module.restore_base(site.base)
         for mname, site, created in reversed(inserted):
-            site.adapters.pop(name, None)
+            if name in site.adapters:
+                del site.adapters[name]
             if created:
                 replace_module(model, mname, site.base)
         for site, act in actives:

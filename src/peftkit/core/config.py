@@ -187,10 +187,23 @@ def finite_number(owner: str, name: str, value: Any) -> None:
 
 
 def _hints(cls: type) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(cls)
-    except Exception:  # pragma: no cover - unresolvable annotations: no type checks
-        return {}
+    """Field annotations of ``cls`` and its bases, each evaluated in its own module (unresolvable ones skipped)."""
+    import sys
+
+    out: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        module = sys.modules.get(klass.__module__)
+        namespace = dict(vars(typing))
+        namespace.update(vars(module) if module else {})
+        for name, ann in vars(klass).get("__annotations__", {}).items():
+            if isinstance(ann, str):
+                try:
+                    ann = eval(ann, namespace)
+                except Exception:
+                    out.pop(name, None)
+                    continue
+            out[name] = ann
+    return out
 
 
 def _check_patterns(owner: str, name: str, value: Any) -> None:

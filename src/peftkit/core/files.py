@@ -304,6 +304,15 @@ class FolderReader:
             os.close(self._fd)
             self._fd = None
 
+    def stale(self) -> bool:
+        """Whether the folder read was removed meanwhile (a concurrent save replaced it)."""
+        if self._fd is None:
+            return not self.root.is_dir()
+        try:
+            return os.fstat(self._fd).st_nlink == 0
+        except OSError:
+            return True
+
     def sub(self, name: str) -> FolderReader:
         return FolderReader(self.root / name, self)
 

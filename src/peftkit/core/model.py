@@ -65,9 +65,16 @@ def active_names(model: nn.Module) -> list[str]:
 
 
 def validate_adapter_name(name: str) -> None:
-    if not isinstance(name, str) or not name or "." in name or "/" in name or name.startswith("_"):
+    """An adapter name is also a module key and a folder name: a short plain string."""
+    ok = (isinstance(name, str) and name.strip() == name and name != "" and not name.startswith("_")
+          and not any(c in name for c in "./\\:") and name.isprintable() and len(name.encode("utf-8")) <= 255)
+    if ok and hasattr(nn.ModuleDict(), name):
+        raise ConfigError(f"adapter name {name!r} is reserved (an attribute of torch modules); pick another name")
+    if not ok:
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 60 else repr(name[:60]) + "..."
         raise ConfigError(
-            f"adapter name {name!r} must be a non-empty string without '.' or '/' and not starting with '_'"
+            f"adapter name {shown} must be a non-empty printable string of at most 255 bytes, without '.', '/', "
+            "'\\', ':' or surrounding spaces, and not starting with '_'"
         )
 
 

@@ -1,0 +1,228 @@
+"""The generation engine: one thread, one base model, continuous batching over many adapters.
+
+Every model forward runs on the engine thread (:class:`~peftkit.serve.worker.Worker`); other
+threads (the HTTP event loop, a benchmark) hand it requests and control calls through a queue and receive events back through each
+request's ``emit`` callback. One iteration of the loop:
+
+1. take new requests and control calls (load/unload an adapter) from the inbox;
+2. admit waiting requests, oldest first, while the batch has room (``max_batch`` rows): each
+   request's adapter is loaded if needed (an idle adapter may be evicted, see
+   :class:`~peftkit.serve.adapters.AdapterTable`); a request whose adapter cannot be loaded yet
+   because every loaded adapter is in use keeps waiting, and so do the requests behind it;
+3. prefill the admitted requests together (left-padded, one forward) and append their cache rows
+   to the running batch (:class:`~peftkit.serve.kv.BatchKV`);
+4. one decode step for every running row: feed each row's last token at its own position.
+
+Rows go through their own adapters in the same forward with ``peftkit.mixed_batch`` (LoRA: one
+gathered batched product for all adapters per layer, never a loop over rows). While all live rows
+use one mergeable adapter, it is merged into the weights instead (:class:`~peftkit.serve.fastpath.
+MergedPath`). After each step, finished rows (eos, a stop string, ``max_tokens``, or the context
+limit) leave the batch and their requests get a ``Finished`` event; new requests join at the next
+iteration. Each row decodes exactly as it would alone (``model.generate`` on that prompt with
+that adapter): padding is masked, position ids are per row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import AdapterTable
+from .decoding import SamplingParams, TextStream, next_tokens
+from .kv import BatchKV, left_padded, positions
+from .metrics import Metrics
+from .worker import Failed, QueueFull, Worker
+
+__all__ = ["Delta", "Engine", "Event", "Failed", "Finished", "GenerationRequest", "QueueFull"]
+
+
+@dataclass
+class Delta:
+    """New text of a request (possibly empty when only held-back text was decided)."""
+
+    text: str
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" (eos or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    text: str  # the whole completion
+
+
+Event = Delta | Finished | Failed
+_ids = itertools.count()
+
+
+@dataclass
+class GenerationRequest:
+    """One completion: token ids of the prompt, the adapter (None: the base model), decoding parameters."""
+
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    id: int = field(default_factory=lambda: next(_ids))
+    cancelled: bool = False
+    tokens: list[int] = field(default_factory=list)
+    created: float = field(default_factory=time.monotonic)
+    stream: TextStream | None = None
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        """Thread-safe: the engine drops the request at its next step (a client went away)."""
+        self.cancelled = True
+
+
+class Engine(Worker):
+    """Serves generation requests for ``model`` (a causal LM) and the adapters of ``table``."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, table: AdapterTable, max_batch: int = 16,
+                 max_waiting: int = 1024, merge_single: bool = True, metrics: Metrics | None = None) -> None:
+        super().__init__(model, tokenizer, table, max_batch, max_waiting, metrics)
+        self.merge_single = merge_single
+        self.pad_id = _pad_id(tokenizer)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.max_context = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 1 << 30)
+        self.batch: BatchKV | None = None
+        self.mixed_steps = 0
+        self.merged_steps = 0
+        accepted = inspect.signature(model.forward).parameters
+        # transformers 5.x renamed ``past_key_values`` to ``cache``; ``logits_to_keep=1``: no LM head over the prompt
+        self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
+        self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+
+    def work(self) -> None:
+        room = self.max_batch - len(self.running)
+        if room > 0 and self.waiting:
+            new = self.admit(room)
+            if new:
+                self._prefill(new)
+        if self.running:
+            self._decode()
+
+    def reset(self) -> None:
+        self.batch = None
+
+    def _route(self, names: list[str | None]) -> contextlib.AbstractContextManager:
+        """How this forward applies adapters: merged (one adapter live), mixed batch, or the bare base."""
+        from ..core.api import mixed_batch
+
+        live = {r.adapter for r in self.running} | set(names)
+        if self.merge_single and len(live) == 1 and None not in live:
+            name = next(iter(live))
+            if self.merged.name == name or self.merged.mergeable(name):  # type: ignore[arg-type]
+                self.merged.use(name)  # type: ignore[arg-type]
+                self.merged_steps += 1
+                return contextlib.nullcontext()
+        self.merged.release()
+        if live == {None}:
+            return contextlib.nullcontext()
+        self.mixed_steps += 1
+        return mixed_batch(self.model, names)
+
+    def _prefill(self, new: list[GenerationRequest]) -> None:
+        ids, mask = left_padded([r.prompt_ids for r in new], self.pad_id, self.device)
+        names = [r.adapter for r in new]
+        with self._route(names):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
+                             **self._keep_last)
+        self.metrics.step()
+        self.metrics.tokens(prompt=sum(len(r.prompt_ids) for r in new))
+        part = BatchKV(_cache_of(out), mask)
+        if self.batch is None:
+            self.batch = part
+        else:
+            self.batch.extend(part)
+        for r in new:
+            r.stream = TextStream(self.tokenizer, r.params.stop)
+            r.generator = r.params.generator(self.device)
+        self.running.extend(new)
+        self._accept(new, out.logits[:, -1])
+
+    def _decode(self) -> None:
+        assert self.batch is not None
+        last = torch.tensor([[r.tokens[-1]] for r in self.running], dtype=torch.long, device=self.device)
+        pos = self.batch.lengths().unsqueeze(-1)
+        self.batch.append_column()
+        names = [r.adapter for r in self.running]
+        with self._route(names):
+            out = self.model(input_ids=last, attention_mask=self.batch.mask, position_ids=pos,
+                             **{self._cache_arg: self.batch.cache}, use_cache=True)
+        self.metrics.step()
+        self.batch.cache = _cache_of(out)
+        self._accept(list(self.running), out.logits[:, -1])
+
+    def _accept(self, rows: list[GenerationRequest], logits: torch.Tensor) -> None:
+        """Choose each row's next token, release its text, and retire the rows that are done."""
+        tokens = next_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
+        done: set[int] = set()
+        for r, tok in zip(rows, tokens, strict=True):
+            if r.cancelled:
+                self.metrics.request(self.endpoint, "cancelled")
+                done.add(r.id)
+                continue
+            r.tokens.append(tok)
+            stream = r.stream
+            assert stream is not None
+            reason = None
+            if tok in self.eos_ids:
+                reason = "stop"
+            else:
+                piece = stream.push(tok)
+                if piece:
+                    r.emit(Delta(piece))
+                if stream.stopped:
+                    reason = "stop"
+            if reason is None and (len(r.tokens) >= r.params.max_tokens
+                                   or len(r.prompt_ids) + len(r.tokens) >= self.max_context):
+                reason = "length"
+            if reason is not None:
+                if not stream.stopped:
+                    rest = stream.flush()
+                    if rest:
+                        r.emit(Delta(rest))
+                r.emit(Finished(reason, len(r.prompt_ids), len(r.tokens), stream.text))
+                done.add(r.id)
+        self.metrics.tokens(generated=len(rows))
+        if done:
+            keep = [i for i, r in enumerate(self.running) if r.id not in done]
+            self.running = [self.running[i] for i in keep]
+            if not keep:
+                self.batch = None
+            else:
+                assert self.batch is not None
+                self.batch.select(torch.tensor(keep, dtype=torch.long, device=self.device))
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tokenizer, name, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for v in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None),
+                                                                   "eos_token_id", None)):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    return ids

@@ -1,0 +1,124 @@
+"""Building a server from names and directories, and running it with uvicorn (``peftkit serve``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import ConfigError
+from .adapters import AdapterTable, check_dir, check_name
+from .app import Limits, create_app
+from .encoder import EncoderEngine
+from .engine import Engine
+from .worker import Worker
+
+TASKS = ("causal-lm", "embedding", "classification")
+
+
+def parse_adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
+    """``["dir", "name=dir", ...]`` → ``[(name, directory)]``; the name defaults to the directory's name."""
+    out: list[tuple[str, Path]] = []
+    seen: set[str] = set()
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            path, name = spec, Path(spec.rstrip("/")).name
+        check_name(name)
+        if name in seen:
+            raise ConfigError(f"--adapters: the name {name!r} is used twice; give one as NAME=DIR")
+        seen.add(name)
+        check_dir(Path(path))
+        out.append((name, Path(path)))
+    return out
+
+
+def build(model: Any, tokenizer: Any, adapters: list[tuple[str, Path]], max_adapters: int = 8,
+          adapter_root: str | Path | None = None, max_batch: int = 16, limits: Limits | None = None,
+          merge_single: bool = True, model_name: str = "base") -> tuple[Any, Worker]:
+    """``(FastAPI app, engine)`` for ``model`` and its adapters (the first ``max_adapters`` loaded now).
+
+    A model that can generate (a causal LM) gets the generation :class:`Engine`; an encoder gets the
+    :class:`EncoderEngine` (embeddings, or classification when it has a classification head).
+    """
+    table = AdapterTable(model, max_adapters=max_adapters, root=adapter_root)
+    for name, path in adapters:
+        table.register(name, path)
+    for name, _ in adapters[:max_adapters]:
+        table.ensure(name, set())
+    if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    can_generate = getattr(model, "can_generate", None)
+    engine: Worker
+    if callable(can_generate) and can_generate():
+        engine = Engine(model, tokenizer, table, max_batch=max_batch, merge_single=merge_single)
+    else:
+        engine = EncoderEngine(model, tokenizer, table, max_batch=max_batch)
+    return create_app(engine, limits, model_name), engine
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="an alias (smollm2-135m, minilm-l6) or a local directory")
+    p.add_argument("--task", default="causal-lm", help="causal-lm (completions, chat) | embedding (/v1/embeddings) | "
+                                                       "classification (/v1/classifications; a sequence classifier)")
+    p.add_argument("--adapters", nargs="*", default=[], metavar="[NAME=]DIR",
+                   help="adapter directories (peftkit or peft format) served under their directory name or NAME")
+    p.add_argument("--max-adapters", type=int, default=8, help="adapters held in memory; more are evicted LRU")
+    p.add_argument("--adapter-root", default=None,
+                   help="directory under which POST /v1/adapters may load adapters (off without it)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask for")
+    p.add_argument("--max-prompt-tokens", type=int, default=4096)
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--no-merge", action="store_true", help="never merge a lone adapter into the weights")
+    p.add_argument("--log-level", default="warning")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Validate the arguments, load the model and adapters, and serve until interrupted."""
+    import uvicorn
+
+    from ..core.errors import did_you_mean
+    from ..hub.models import load_causal_lm, load_encoder, load_tokenizer
+
+    if args.task not in TASKS:
+        raise ConfigError(f"--task {args.task!r} is unknown{did_you_mean(args.task, TASKS)}; tasks: {', '.join(TASKS)}")
+    for flag in ("max_adapters", "max_batch", "max_tokens_limit", "max_prompt_tokens", "max_body_bytes"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not 0 <= args.port < 65536:
+        raise ConfigError(f"--port must lie in 0..65535, got {args.port}")
+    from ..hub.models import ALIASES
+
+    if args.model not in ALIASES and not Path(args.model).is_dir():
+        raise ConfigError(f"--model {args.model!r} is neither an alias{did_you_mean(args.model, ALIASES)} nor a "
+                          f"directory; aliases: {', '.join(ALIASES)}")
+    adapters = parse_adapter_specs(args.adapters)
+    if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
+        raise ConfigError(f"--adapter-root {args.adapter_root} is not a directory")
+    tok = load_tokenizer(args.model)
+    if args.task == "causal-lm":
+        model, tok = load_causal_lm(args.model, tokenizer=tok)
+    else:
+        model, tok = load_encoder(args.model, num_labels=_num_labels(args.model) if args.task == "classification"
+                                  else None, tokenizer=tok)
+    limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
+                    max_body_bytes=args.max_body_bytes)
+    app, _ = build(model, tok, adapters, args.max_adapters, args.adapter_root, args.max_batch, limits,
+                   merge_single=not args.no_merge)
+    print(f"peftkit serve: {args.model} with {len(adapters)} adapter(s) on http://{args.host}:{args.port}/v1", flush=True)
+    # on SIGTERM/Ctrl-C requests in flight get 5 s to finish, then their handlers are cancelled
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def _num_labels(name: str) -> int:
+    """The label count in the model's config (a classifier directory), for loading it with its head."""
+    from transformers import AutoConfig
+
+    from ..hub.models import ALIASES, alias_dir
+
+    directory = alias_dir(name)[0] if name in ALIASES else Path(name)
+    return int(AutoConfig.from_pretrained(directory).num_labels)
