@@ -42,7 +42,11 @@ from .methods.dora import DoRA
 from .methods.dylora import DyLoRA
 from .methods.ia3 import IA3
 from .methods.increlora import IncreLoRA
+from .methods.kradapter import KRAdapter
+from .methods.loha import LoHa
+from .methods.lokr import LoKr
 from .methods.lora import LoRA, lora_plus_param_groups
+from .methods.nola import NOLA
 from .methods.oft import OFT
 from .methods.parallel_adapter import MAM
 from .methods.prefix import PrefixTuning
@@ -50,12 +54,14 @@ from .methods.prompt import PromptTuning
 from .methods.selection import BitFit, LayerNormTuning
 from .methods.sparse import SparseFT, fish_scores
 from .methods.ssf import SSF
+from .methods.vera import VeRA
 
 __all__ = [
     "BOFT",
     "IA3",
     "MAM",
     "METHODS",
+    "NOLA",
     "OFT",
     "SSF",
     "AdaLoRA",
@@ -69,7 +75,10 @@ __all__ = [
     "DoRA",
     "DyLoRA",
     "IncreLoRA",
+    "KRAdapter",
     "LayerNormTuning",
+    "LoHa",
+    "LoKr",
     "LoRA",
     "LowRankOptions",
     "NotMergeableError",
@@ -79,6 +88,7 @@ __all__ = [
     "SparseFT",
     "StepInfo",
     "TargetError",
+    "VeRA",
     "activate",
     "active_names",
     "adapter_names",

@@ -28,7 +28,8 @@ that wraps the layer calls the hooks below; a method overrides only those it nee
 
 State: ``state_dict()`` is what is saved. ``optional_state`` names tensors that a file may omit
 (they keep the values the module was built with: PiSSA's starting factors, which the SVD at
-build time recomputes). ``self.shared`` (set when the config defines ``build_shared``) is one
+build time recomputes; ``"shared.<name>"`` for a shared tensor, e.g. VeRA's bases regenerated
+from the seed). ``self.shared`` (set when the config defines ``build_shared``) is one
 module holding tensors shared by every layer of the adapter; it is saved once, not per layer.
 """
 

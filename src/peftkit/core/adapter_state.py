@@ -132,7 +132,7 @@ def install(model: nn.Module, state: AdapterState, name: str | None = None, *, t
     with torch.no_grad():
         shared_mod = getattr(plan[0][2], SHARED, None) if plan else None
         if shared_mod is not None:
-            shared_mod.load_state_dict(shared_state, strict=True)
+            shared_mod.load_state_dict(shared_state, strict=False)  # check_tensors found every required one
         for (_mname, _base, module), st in zip(plan, module_states, strict=True):
             module.load_state_dict(st, strict=False)
     install_plan(model, plan, name, trainable=trainable, activate=activate, freeze_other_adapters=False)
@@ -148,7 +148,9 @@ def check_tensors(plan: list, tensors: dict[str, torch.Tensor], shared: dict[str
     used: set[str] = set()
     states: list[dict[str, torch.Tensor]] = []
     shared_ref: dict[str, torch.Tensor] = {}
+    optional_shared: set[str] = set()
     for mname, _base, module in plan:
+        optional_shared.update(k[len(SHARED) + 1:] for k in module.optional_state if k.startswith(SHARED + "."))
         path = display_name(mname)
         state: dict[str, torch.Tensor] = {}
         for k, ref in module.state_dict().items():
@@ -172,7 +174,8 @@ def check_tensors(plan: list, tensors: dict[str, torch.Tensor], shared: dict[str
     for k, ref in shared_ref.items():
         t = shared.get(k)
         if t is None:
-            problems.append(f"missing shared tensor {k} (expected shape {tuple(ref.shape)})")
+            if k not in optional_shared:  # an optional one keeps its built value (VeRA's seeded bases)
+                problems.append(f"missing shared tensor {k} (expected shape {tuple(ref.shape)})")
             continue
         problem = _tensor_problem(t, ref, allow_nonfinite)
         if problem:

@@ -40,7 +40,8 @@ class HFCodec:
       ``write_names(layer)``: peftkit name → peft name for one layer (default: the first peft name
       of each state name in ``read_names``).
     * ``export(state, layer)``: the layer's state as written (when it is not a renaming only).
-    * ``shared_names``: peftkit shared tensor name → peft's full key.
+    * ``shared_names``: peftkit shared tensor name → peft's full key; ``write_shared(config)``: whether
+      they are written (VeRA: only with ``save_projection``; else peft regenerates them from the seed).
     * ``module_level``: False for prompt-learning methods, whose keys carry no module path.
     * ``from_file(state)``: the state as read → the state the method's modules hold, where peft
       stores it in another shape (AdaLoRA's pruned triplets dropped from the file). Default: as read.
@@ -56,6 +57,7 @@ class HFCodec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     export: Callable[[dict[str, torch.Tensor], dict[str, Any]], dict[str, torch.Tensor]] | None = None
     shared_names: Mapping[str, str] = field(default_factory=dict)
+    write_shared: Callable[[Any], bool] = lambda config: True
     module_level: bool = True
     from_file: Callable[[Any], Any] | None = None
 

@@ -190,7 +190,7 @@ def _one(state: AdapterState, module_names: list[str] | None) -> dict[str, bytes
         for ours, t in mod_state.items():
             if ours in names:
                 tensors[f"{PREFIX}{path}.{names[ours]}" if codec.module_level else names[ours]] = t
-    for k, t in state.shared.items():
+    for k, t in (state.shared.items() if codec.write_shared(state.config) else ()):
         if k not in codec.shared_names:
             raise ConfigError(f"{state.config.method}: shared tensor {k!r} has no name in the peft format")
         tensors[codec.shared_names[k]] = t

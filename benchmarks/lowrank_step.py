@@ -1,0 +1,129 @@
+"""VeRA, LoHa and LoKr training steps on SmolLM2-135M: peftkit vs peft (time and peak memory).
+
+Every linear layer of the blocks (q/k/v/o/gate/up/down), batch 4×128, AdamW, 2 threads.
+VeRA r=128 (the k/v projections are 192 wide; peft's default 256 would exceed them), d_initial
+0.1; LoHa and LoKr r=8, alpha=16. For each method the two libraries' steps alternate in one
+process and the figure is the ratio of median step times. Memory: the bytes autograd saves for
+backward during one step (deterministic; parameters and buffers excluded) and the peak resident
+memory of a separate process per library doing the same steps.
+
+    nice -n 10 python benchmarks/lowrank_step.py [--steps 6] [--warmup 2] [--rss-steps 3] [--methods vera,loha,lokr]
+        [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import _common as C
+
+METHODS = ("vera", "loha", "lokr")
+
+
+def peftkit_model(method: str):
+    import peftkit
+
+    model = C.base_model()
+    cfg = {
+        "vera": lambda: peftkit.VeRA(r=128, target_modules=C.BLOCK_LINEARS),
+        "loha": lambda: peftkit.LoHa(r=8, alpha=16, target_modules=C.BLOCK_LINEARS),
+        "lokr": lambda: peftkit.LoKr(r=8, alpha=16, target_modules=C.BLOCK_LINEARS),
+    }[method]()
+    return peftkit.attach(model, cfg)
+
+
+def peft_model(method: str):
+    from peft import LoHaConfig, LoKrConfig, VeraConfig, get_peft_model
+
+    model = C.base_model()
+    cfg = {
+        "vera": lambda: VeraConfig(r=128, target_modules=C.BLOCK_LINEARS),
+        "loha": lambda: LoHaConfig(r=8, alpha=16, target_modules=C.BLOCK_LINEARS),
+        "lokr": lambda: LoKrConfig(r=8, alpha=16, target_modules=C.BLOCK_LINEARS),
+    }[method]()
+    return get_peft_model(model, cfg)
+
+
+BUILDERS = {"peftkit": peftkit_model, "peft": peft_model}
+
+
+def rss_child(lib: str, method: str, steps: int) -> None:
+    import gc
+
+    C.setup()
+    model = BUILDERS[lib](method)
+    batch = C.token_batch(4, 128, model.config.vocab_size)
+    step = C.train_step_fn(model, batch)
+    gc.collect()
+    before = C.reset_peak_rss()  # the model loading peak must not hide the training peak
+    for _ in range(steps):
+        step()
+    print(json.dumps({"peak_rss_mb": C.current_peak_rss_mb(), "rss_before_mb": before}))
+
+
+def peak_rss(lib: str, method: str, steps: int) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--rss-child", lib, "--methods", method, "--steps", str(steps)],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(method: str, steps: int, warmup: int = 2, rss_steps: int = 3) -> dict[str, float]:
+    C.setup()
+    models = {lib: build(method) for lib, build in BUILDERS.items()}
+    trainable = {lib: sum(p.numel() for p in m.parameters() if p.requires_grad) for lib, m in models.items()}
+    assert trainable["peftkit"] == trainable["peft"], trainable  # the same method, the same parameters
+    batch = C.token_batch(4, 128, models["peft"].config.vocab_size)
+    fns = {lib: C.train_step_fn(m, batch) for lib, m in models.items()}
+    times = C.alternate(fns, steps, warmup=warmup)
+    res = {
+        "trainable_params": float(trainable["peftkit"]),
+        "peftkit_step_s": C.median(times["peftkit"]),
+        "peft_step_s": C.median(times["peft"]),
+    }
+    res["time_ratio"] = res["peftkit_step_s"] / res["peft_step_s"]
+    print(f"{method}: step times {times} -> ratio {res['time_ratio']:.3f}", flush=True)
+    saved = {}
+    for lib, m in models.items():
+        m.train()
+        saved[lib] = C.saved_activation_bytes(lambda m=m: m(**batch).loss, m)
+    res["saved_mb_peftkit"] = saved["peftkit"] / 2**20
+    res["saved_mb_peft"] = saved["peft"] / 2**20
+    res["saved_memory_ratio"] = res["saved_mb_peftkit"] / res["saved_mb_peft"]
+    print(f"{method}: saved for backward {res['saved_mb_peftkit']:.1f} MB vs {res['saved_mb_peft']:.1f} MB", flush=True)
+    del models, fns
+    if rss_steps > 0:  # --rss-steps 0 skips the two peak-memory processes (a loaded machine)
+        rss = {lib: peak_rss(lib, method, rss_steps) for lib in BUILDERS}
+        res["peak_rss_mb_peftkit"] = rss["peftkit"]["peak_rss_mb"]
+        res["peak_rss_mb_peft"] = rss["peft"]["peak_rss_mb"]
+        res["peak_rss_ratio"] = res["peak_rss_mb_peftkit"] / res["peak_rss_mb_peft"]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
+    ap.add_argument("--rss-steps", type=int, default=3, help="steps of each peak-memory child process (0: skip)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--rss-child", default=None, choices=list(BUILDERS))
+    a = ap.parse_args()
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    if a.rss_child:
+        rss_child(a.rss_child, methods[0], a.steps)
+        return
+    results = {}
+    for method in methods:
+        results[method] = res = run(method, a.steps, a.warmup, a.rss_steps)
+        C.report(f"{method} training step, SmolLM2-135M all block linears, batch 4x128",
+                 [(k, f"{v:.4f}") for k, v in res.items()])
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
