@@ -29,7 +29,7 @@ def test_entry_is_keyed_by_version_and_content_and_written_whole(tmp_path, monke
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temporary left
     src.write_bytes(b"weights v2")  # another file content: another entry
     assert cache.lookup(src) is None
-    monkeypatch.setattr("peftkit.__version__", "9.9.9")  # another package version: another entry
+    monkeypatch.setattr("peftkit._version.__version__", "9.9.9")  # another package version: another entry
     src.write_bytes(b"weights v1")
     assert cache.lookup(src) is None
 

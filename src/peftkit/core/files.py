@@ -305,11 +305,15 @@ class FolderReader:
             self._fd = None
 
     def stale(self) -> bool:
-        """Whether the folder read was removed meanwhile (a concurrent save replaced it)."""
+        """Whether the folder read was removed or replaced meanwhile (a concurrent save swapped in another)."""
         if self._fd is None:
             return not self.root.is_dir()
         try:
-            return os.fstat(self._fd).st_nlink == 0
+            mine = os.fstat(self._fd)
+            if mine.st_nlink == 0:
+                return True
+            now = os.stat(self.root)
+            return (now.st_ino, now.st_dev) != (mine.st_ino, mine.st_dev)
         except OSError:
             return True
 
