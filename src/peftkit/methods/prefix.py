@@ -49,12 +49,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..core.adapter import AdapterModule
 from ..core.config import AdapterConfig, positive_int
 from ..core.errors import ConfigError, PeftkitError
 from ..core.layers import EMBEDDING, layer_kind
 from ..core.registry import register
 from ..formats.codec import HFCodec
+from .model_hook import ModelHookAdapter
 from .prompt import _NOT_INPUT, DEFAULT_TARGETS, _cache_length, _check_targets, infer_task_type
 
 INITS = (None, "zero")
@@ -167,13 +167,14 @@ def cache_keyword(model: nn.Module) -> str | None:
     return None
 
 
-class PrefixEncoder(AdapterModule):
+class PrefixEncoder(ModelHookAdapter):
     """The prefix ``prefix`` ``(n, L·2·d_kv)`` — or ``embedding`` ``(n, d_kv)`` + ``transform`` MLP — and the model hook."""
 
     adapts_output = False  # the model-level hook does the work; the embedding's own output is unchanged
     mergeable = False
     unmergeable_reason = "prefix tuning adds attention keys and values; there is no weight to fold them into"
     supports_mixed_batch = False
+    label = "prefix tuning"
 
     def __init__(self, config: PrefixTuning, base: nn.Module) -> None:
         super().__init__(config, base)
@@ -193,9 +194,6 @@ class PrefixEncoder(AdapterModule):
                 nn.init.zeros_(self.transform[2].bias)
         else:
             self.prefix = nn.Parameter(torch.zeros(n, width) if zero else torch.randn(n, width))
-        self.__dict__["_site"] = None  # plain attributes: not submodules (the site holds this module)
-        self.__dict__["_hook"] = None
-        self.__dict__["_forward_params"] = None
         self.__dict__["_cache_key"] = None
 
     def flat(self) -> torch.Tensor:
@@ -213,41 +211,15 @@ class PrefixEncoder(AdapterModule):
 
     # -- model hook ------------------------------------------------------------------------
     def on_attach(self, model: nn.Module, site: Any) -> None:
-        self.__dict__["_site"] = site
         self.__dict__["_cache_key"] = cache_keyword(model)
-        self.__dict__["_forward_params"] = [
-            p for p in inspect.signature(model.forward).parameters.values()
-            if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-        self.__dict__["_hook"] = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        super().on_attach(model, site)
 
-    def on_detach(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-        self.__dict__["_hook"] = None
-        self.__dict__["_site"] = None
-
-    def running(self) -> bool:
-        site = self._site
-        if site is None or site.disabled or site.row_groups is not None:
-            return False
-        return any(site.adapters[n] is self for n in site.running())
-
-    def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if not self.running():
-            return None
+    def rewrite(self, model: nn.Module, kwargs: dict) -> tuple[tuple, dict] | None:
         site = self._site
         stacked = [n for n in site.running() if isinstance(site.adapters[n], PrefixEncoder)]
         if len(stacked) > 1:
             raise PeftkitError(f"prefix tuning adapters {stacked} are active together; activate one of them "
                                "(their prefixes would need one cache)")
-        kwargs = dict(kwargs)
-        if args:
-            params = self._forward_params
-            if len(args) > len(params):
-                raise PeftkitError(f"prefix tuning cannot read {len(args)} positional arguments of "
-                                   f"{type(model).__name__}.forward; pass them by keyword")
-            for p, a in zip(params, args, strict=False):
-                kwargs[p.name] = a
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         ref = embeds if embeds is not None else ids
         if ref is None:

@@ -37,7 +37,6 @@ Initialisation (``prompt_tuning_init``): ``"RANDOM"`` draws ``P ~ N(0, 1)`` (pef
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -46,13 +45,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..core.adapter import AdapterModule
 from ..core.config import AdapterConfig, one_of, positive_int
 from ..core.errors import ConfigError, PeftkitError
 from ..core.layers import EMBEDDING, layer_kind
 from ..core.registry import register
 from ..core.targets import INPUT_EMBEDDING
 from ..formats.codec import HFCodec
+from .model_hook import ModelHookAdapter
 
 INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -230,13 +229,14 @@ def _cache_length(cache: Any) -> int:
     return 0
 
 
-class PromptEmbedding(AdapterModule):
+class PromptEmbedding(ModelHookAdapter):
     """The virtual tokens ``prompt_embeddings`` ``(num_virtual_tokens, embedding_dim)`` and the model hook."""
 
     adapts_output = False  # the model-level hook does the work; the embedding's own output is unchanged
     mergeable = False
     unmergeable_reason = "prompt tuning adds virtual tokens; there is no weight to fold into"
     supports_mixed_batch = False
+    label = "prompt tuning"
 
     def __init__(self, config: PromptTuning, base: nn.Module) -> None:
         super().__init__(config, base)
@@ -245,9 +245,6 @@ class PromptEmbedding(AdapterModule):
         self.prompt_embeddings = nn.Parameter(torch.empty(n, d))
         self._init(config, base)
         config.token_dim = d  # exported to peft's adapter_config.json (not a config field)
-        self.__dict__["_site"] = None  # plain attributes: not submodules (the site holds this module)
-        self.__dict__["_hook"] = None
-        self.__dict__["_forward_params"] = None
 
     @torch.no_grad()
     def _init(self, config: PromptTuning, base: nn.Module) -> None:
@@ -269,35 +266,9 @@ class PromptEmbedding(AdapterModule):
         if cfg.task_type is None:
             cfg.task_type = infer_task_type(model)
         cfg.__dict__.update(_model_facts(model))
-        self.__dict__["_site"] = site
-        self.__dict__["_forward_params"] = [
-            p for p in inspect.signature(model.forward).parameters.values()
-            if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-        self.__dict__["_hook"] = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        super().on_attach(model, site)
 
-    def on_detach(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-        self.__dict__["_hook"] = None
-        self.__dict__["_site"] = None
-
-    def running(self) -> bool:
-        site = self._site
-        if site is None or site.disabled or site.row_groups is not None:
-            return False
-        return any(site.adapters[n] is self for n in site.running())
-
-    def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if not self.running():
-            return None
-        kwargs = dict(kwargs)
-        if args:
-            params = self._forward_params
-            if len(args) > len(params):
-                raise PeftkitError(f"prompt tuning cannot read {len(args)} positional arguments of "
-                                   f"{type(model).__name__}.forward; pass them by keyword")
-            for p, a in zip(params, args, strict=False):
-                kwargs[p.name] = a
+    def rewrite(self, model: nn.Module, kwargs: dict) -> tuple[tuple, dict] | None:
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         ref = embeds if embeds is not None else ids
         if ref is None:
