@@ -32,6 +32,7 @@ from .core.model import active_names, adapter_names
 from .core.registry import METHODS, get_method, method_table, register
 from .core.state import load, save
 from .core.summary import summary
+from .memory import memory_report
 from .methods.bottleneck import Bottleneck
 from .methods.dora import DoRA
 from .methods.ia3 import IA3
@@ -71,6 +72,7 @@ __all__ = [
     "get_method",
     "load",
     "lora_plus_param_groups",
+    "memory_report",
     "merge",
     "method_table",
     "mixed_batch",

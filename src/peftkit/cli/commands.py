@@ -20,7 +20,8 @@ from .options import build_config, parse_method_flags
 TRAIN_KEYS = {"model", "task", "method", "data", "eval_data", "output", "columns", "epochs", "max_steps", "batch_size",
               "grad_accum", "lr", "warmup", "seed", "max_length", "eval_every", "save_every", "early_stopping_patience",
               "weight_decay", "max_grad_norm", "loraplus_ratio", "log_every", "schedule", "metric",
-              "gradient_checkpointing", "resume", "exact_match", "prompt_format", "max_new_tokens", "fsdp"}
+              "gradient_checkpointing", "resume", "exact_match", "prompt_format", "max_new_tokens", "fsdp",
+              "quantize", "optimizer"}
 
 
 def _columns(spec: Any) -> dict[str, str] | None:
@@ -84,6 +85,10 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     if full and method_opts:
         raise ConfigError(f"--method full takes no method options (got --{next(iter(method_opts)).replace('_', '-')})")
     config = None if full else build_config(s["method"], method_opts)  # validated before anything heavy
+    if s.get("quantize"):
+        from ..quant.schemes import get_scheme
+
+        get_scheme(s["quantize"])
     cols = _columns(s.get("columns"))
     records = load_records(s["data"], cols)
     eval_records = load_records(s["eval_data"], cols) if s.get("eval_data") else None
@@ -105,6 +110,12 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     if labels:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {n: i for i, n in enumerate(labels)}
+    if s.get("quantize"):  # QLoRA: the frozen base in nf4 / int8 (peftkit.quant), adapters on top
+        if full:
+            raise ConfigError("--quantize needs an adapter method (lora, dora): a quantized base cannot train (--method full)")
+        from ..quant import quantize
+
+        quantize(model, s["quantize"])
     if config is not None:
         attach(model, config)
         print(summary(model))

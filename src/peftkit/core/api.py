@@ -288,8 +288,14 @@ def delete(model: nn.Module, name: str) -> nn.Module:
 
 
 def unload(model: nn.Module, merge: bool = False) -> nn.Module:
-    """Remove every trace of peftkit; with ``merge=True`` the active adapters are merged first."""
+    """Remove every trace of peftkit; with ``merge=True`` the active adapters are merged first.
+
+    A quantized base (``peftkit.quant``) is refused with ``merge=True``: call
+    ``peftkit.quant.dequantize(model)`` first (exact merge into dense weights), or ``peftkit.merge``
+    to merge with re-quantization.
+    """
     if merge:
+        _refuse_quantized_unload(model)
         _merge(model)
     for mname, site in list(_sites_with_paths(model))[::-1]:
         keep = set(site.merged) if merge else set()
@@ -303,6 +309,20 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
                 mod.restore_base(site.base)
         replace_module(model, mname, site.base)
     return model
+
+
+def _refuse_quantized_unload(model: nn.Module) -> None:
+    from .layers import is_quantized
+    from .targeting import display_name
+
+    names = [display_name(p) for p, s in _sites_with_paths(model)
+             if is_quantized(getattr(s.base, "weight", None)) and any(n in s.active for n in s.adapters)]
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise NotMergeableError(
+            f"unload(merge=True) refused: {shown} have a quantized base weight, and merging would re-quantize it; "
+            "call peftkit.quant.dequantize(model) first to merge into dense weights, or peftkit.merge(model) "
+            "to merge with re-quantization (errors in peftkit.quant.merge_errors(model))")
 
 
 def _sites_with_paths(model: nn.Module) -> Iterator[tuple[str, AdapterSite]]:

@@ -30,6 +30,8 @@ class AdapterConfig:
     method: ClassVar[str] = ""
     #: layer kinds (see :mod:`peftkit.core.layers`) the method can adapt; None means any module
     supported_layers: ClassVar[tuple[str, ...] | None] = None
+    #: True for methods that work on a layer whose weight is quantized (peftkit.quant): LoRA, DoRA
+    supports_quantized_base: ClassVar[bool] = False
     #: default targets per model family (``config.model_type``) when ``target_modules`` is None
     default_targets: ClassVar[dict[str, list[str]]] = {}
     #: for the method table in the docs: the family (low-rank, scaling, ...), the paper, one line of math
@@ -50,11 +52,14 @@ class AdapterConfig:
 
     def check_layer(self, base: nn.Module, module_name: str) -> str | None:
         """A reason the layer cannot take this adapter, or None if it can."""
-        from .layers import layer_kind
+        from .layers import is_quantized, layer_kind
 
         if self.supported_layers is not None and layer_kind(base) not in self.supported_layers:
             kinds = ", ".join(self.supported_layers)
             return f"{self.method} does not support {type(base).__name__} layers (supported: {kinds})"
+        if not self.supports_quantized_base and is_quantized(getattr(base, "weight", None)):
+            return (f"{self.method} cannot adapt a layer with a quantized weight; use lora or dora, "
+                    "or peftkit.quant.dequantize(model) first")
         return None
 
     def check_model(self, model: nn.Module, module_names: list[str]) -> str | None:

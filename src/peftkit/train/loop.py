@@ -32,6 +32,7 @@ from ..core.errors import ConfigError, did_you_mean
 from ..core.sharding import full_state, scalar
 from . import checkpoint, distributed, report
 from .config import TrainConfig
+from .loss import model_loss
 from .schedule import make_scheduler
 
 Batch = dict[str, torch.Tensor]
@@ -182,7 +183,7 @@ def train(model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], 
                     model.set_requires_gradient_sync(last)  # type: ignore[operator]
                 sync = contextlib.nullcontext() if not info.enabled or sharded or last else net.no_sync()
                 with sync:
-                    loss = _loss(net(**b))
+                    loss = model_loss(net, b, chunked=config.chunked_loss and not info.enabled)
                     (loss / len(micro)).backward()
                 loss_sum += loss.item()
                 tokens += _count_tokens(b)
@@ -332,7 +333,7 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def _optimizer(model: nn.Module, config: TrainConfig, params: list[nn.Parameter],
-               extra: list[nn.Parameter]) -> torch.optim.AdamW:
+               extra: list[nn.Parameter]) -> torch.optim.Optimizer:
     if config.loraplus_ratio is not None:
         from ..methods.lora import lora_plus_param_groups
 
@@ -341,6 +342,10 @@ def _optimizer(model: nn.Module, config: TrainConfig, params: list[nn.Parameter]
             groups.append({"params": extra, "lr": config.lr, "weight_decay": config.weight_decay})
     else:
         groups = [{"params": params}]
+    if config.optimizer != "adamw":  # GaLore, LoRA-FA (peftkit.optim)
+        from ..optim import build_optimizer
+
+        return build_optimizer(config.optimizer, model, groups, config.lr, config.weight_decay)
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -382,7 +387,7 @@ def default_evaluate(model: nn.Module, batches: list[Batch]) -> dict[str, float]
             n = int((labels[..., 1:] != -100).sum())
         else:
             n = labels.shape[0]
-        total += _loss(model(**b)).item() * n
+        total += model_loss(model, b).item() * n
         weight += n
     loss = total / max(1, weight)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
