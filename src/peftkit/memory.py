@@ -65,7 +65,8 @@ class MemoryReport:
                 ("estimated peak", self.estimated_peak, "sum of the above")]
         if self.measured_peak is not None:
             err = (self.estimated_peak - self.measured_peak) / max(1, self.measured_peak)
-            rows.append(("measured peak", self.measured_peak, f"torch allocations during forward+backward; estimate off by {err:+.1%}"))
+            what = f"torch allocations during forward+backward; estimate off by {err:+.1%}"
+            rows.append(("measured peak", self.measured_peak, what))
         lines = ["| component | MB | what |", "| --- | ---: | --- |"]
         lines += [f"| {n} | {b / MB:.1f} | {w} |" for n, b, w in rows]
         return "\n".join(lines)

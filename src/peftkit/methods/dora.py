@@ -101,7 +101,8 @@ class DoRALayer(LoRALayer):
             return wf.pow(2).sum(1)
         w = base.weight
         a = self.lora_A
-        key = (id(w) if is_quantized(w) else w.data_ptr(), w._version, w.dtype, w.device, a.dtype, a.device, tuple(site.merged), tuple(site.adapters))
+        ptr = id(w) if is_quantized(w) else w.data_ptr()  # a quantized wrapper tensor has no storage of its own
+        key = (ptr, w._version, w.dtype, w.device, a.dtype, a.device, tuple(site.merged), tuple(site.adapters))
         if self._w_sq is None or key != self._w_key:
             self._w_sq = wf.pow(2).sum(1)
             self._w_key = key
