@@ -15,7 +15,7 @@ from torch import nn
 from .adapter import AdapterModule
 from .config import AdapterConfig
 from .errors import ConfigError, NotMergeableError, PeftkitError, TargetError
-from .layers import float_dtype_for_adapter
+from .layers import float_dtype_for_adapter, is_quantized
 from .model import (
     active_names,
     adapter_modules,
@@ -55,6 +55,9 @@ def prepare(model: nn.Module, config: AdapterConfig, name: str, targets: Sequenc
     for mname in module_names:
         base = model.get_submodule(mname)
         reason = config.check_layer(base, display_name(mname))
+        if not reason and not config.supports_quantized_base and is_quantized(base._parameters.get("weight")):
+            reason = (f"{config.method} cannot adapt a layer with a quantized weight; use lora or dora, "
+                      "or peftkit.quant.dequantize(model) first")
         if reason:
             problems.append(f"{display_name(mname)}: {reason}")
         bases.append((mname, base))
@@ -312,9 +315,6 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
 
 
 def _refuse_quantized_unload(model: nn.Module) -> None:
-    from .layers import is_quantized
-    from .targeting import display_name
-
     names = [display_name(p) for p, s in _sites_with_paths(model)
              if is_quantized(getattr(s.base, "weight", None)) and any(n in s.active for n in s.adapters)]
     if names:

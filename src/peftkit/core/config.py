@@ -52,14 +52,11 @@ class AdapterConfig:
 
     def check_layer(self, base: nn.Module, module_name: str) -> str | None:
         """A reason the layer cannot take this adapter, or None if it can."""
-        from .layers import is_quantized, layer_kind
+        from .layers import layer_kind
 
         if self.supported_layers is not None and layer_kind(base) not in self.supported_layers:
             kinds = ", ".join(self.supported_layers)
             return f"{self.method} does not support {type(base).__name__} layers (supported: {kinds})"
-        if not self.supports_quantized_base and is_quantized(getattr(base, "weight", None)):
-            return (f"{self.method} cannot adapt a layer with a quantized weight; use lora or dora, "
-                    "or peftkit.quant.dequantize(model) first")
         return None
 
     def check_model(self, model: nn.Module, module_names: list[str]) -> str | None:

@@ -66,7 +66,7 @@ def dequantize(model: nn.Module) -> nn.Module:
     ensure_registered()
     with torch.no_grad():
         for _, module in model.named_modules():
-            w = getattr(module, "weight", None)
+            w = module._parameters.get("weight")  # not getattr: an AdapterSite forwards .weight to its base
             if is_quantized(w):
                 module.weight = nn.Parameter(dense_tensor(w).clone(), requires_grad=False)
                 if hasattr(module, REQUANT_ERROR):
