@@ -216,3 +216,18 @@ def _loss_working_set(model: nn.Module, batch: dict[str, Any]) -> int:
         return 3 * rows * vocab * 4
     item = head.weight.element_size()
     return labels.numel() * vocab * (4 + item)
+
+
+def append_memory_section(path: Any, report: dict[str, Any], rss_peak_mb: float | None = None) -> None:
+    """Add a "Memory" section (the first batch's :func:`memory_report`) to a training report.md."""
+    from pathlib import Path
+
+    from .core.files import atomic_write_bytes
+
+    path = Path(path)
+    r = MemoryReport(**{k: v for k, v in report.items() if k != "estimated_peak"})
+    lines = ["", "## Memory (first batch, peftkit.memory_report)", "", r.markdown()]
+    if rss_peak_mb:
+        lines += ["", f"Process peak RSS during the run: {rss_peak_mb:.1f} MB (includes Python, libraries, data and "
+                      "allocator caching; the estimate counts torch tensors only)."]
+    atomic_write_bytes(path, (path.read_text() + "\n".join(lines) + "\n").encode())

@@ -132,6 +132,7 @@ def train(model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], 
     last_eval_step = evals[-1] if evals else None
     start = time.monotonic()
     interrupted = False
+    memory = _memory_hook(model, collate, train_examples, config, info, device) if s["step"] == 0 else None
 
     def save_checkpoint() -> None:
         state = {k: v for k, v in s.items()}
@@ -242,6 +243,8 @@ def train(model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], 
         checkpoint.restore_trained(model, extra, best_tensors, "best adapter")
         last_eval = next(r for r in s["history"] if config.metric in r and r["step"] == s["best_step"])
     metrics = _final_metrics(s, config, params, device, last_eval, interrupted)
+    if memory:
+        metrics["memory"] = memory
     if info.is_main or sharded:  # under FSDP every rank takes part in gathering the adapter
         _write_outputs(model, extra, output, metrics, config, s["history"], info.is_main)
     distributed.barrier(info)
@@ -300,6 +303,24 @@ def _write_outputs(model: nn.Module, extra: dict[str, nn.Parameter], output: Pat
     report.write_metrics_json(output / "metrics.json", metrics)
     report.plot_curves(output / "curves.png", history, config.metric)
     report.write_report(output / "report.md", metrics, config.to_dict(), history)
+    if metrics.get("memory"):
+        from ..memory import append_memory_section
+
+        append_memory_section(output / "report.md", metrics["memory"], metrics.get("peak_memory_mb"))
+
+
+def _memory_hook(model: nn.Module, collate: Collate, examples: Sequence[Any], config: TrainConfig,
+                 info: distributed.DistInfo, device: torch.device) -> dict[str, Any] | None:
+    """``peftkit.memory_report`` of the first batch (single process only), for report.md."""
+    if info.enabled:
+        return None
+    from ..memory import memory_report
+
+    first = collate(examples[: config.batch_size], config.batch_size, False, config.seed)
+    if not first:
+        return None
+    with torch.random.fork_rng(devices=[]):  # dropout in this forward must not shift the training's randomness
+        return memory_report(model, _to_device(first[0], device)).as_dict()
 
 
 def _log(s: dict[str, Any], info: distributed.DistInfo, output: Path, record: dict[str, Any]) -> None:
