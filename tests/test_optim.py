@@ -96,6 +96,6 @@ def test_lora_fa_freezes_a_and_halves_the_state():
 def test_train_config_optimizer_option(tmp_path):
     from peftkit.train import TrainConfig
 
-    with pytest.raises(peftkit.ConfigError, match="'galor'.*galore"):
+    with pytest.raises(peftkit.ConfigError, match=r"'galor'.*galore"):
         TrainConfig(output=str(tmp_path), optimizer="galor").validate()
     TrainConfig(output=str(tmp_path), optimizer="lora-fa").validate()
