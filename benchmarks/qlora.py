@@ -21,11 +21,11 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-import peftkit  # noqa: E402
-from peftkit import quant  # noqa: E402
-from peftkit.memory import weight_bytes  # noqa: E402
+import peftkit
+from peftkit import quant
+from peftkit.memory import weight_bytes
 
 MB = 2**20
 
