@@ -1,11 +1,12 @@
 """Peak memory of a short GSM8K training run (the benchmarks/gsm8k_lora.sh configuration), plain vs chunked CE.
 
 SmolLM2-135M-Instruct + LoRA r=16 on every block linear, chat prompts, max length 512, 8 problems per
-batch, ``--steps`` optimizer steps (default 3). Each side runs in its own process (``ru_maxrss`` is a
-per-process high-water mark); the peak RSS and the increase over the loaded model are printed, with
+batch, ``--steps`` optimizer steps (default 1: the peak is reached in the first). Each side runs in its
+own process (``ru_maxrss`` is a per-process high-water mark); the peak RSS and the increase over the
+loaded model are printed, with
 ``peftkit.memory_report`` of the first batch for the chunked side.
 
-    PYTHONPATH=src python benchmarks/chunked_ce_peak.py --data ../shared/data/gsm8k [--steps 3]
+    PYTHONPATH=src python benchmarks/chunked_ce_peak.py --data ../shared/data/gsm8k [--steps 1]
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def one_side(data: str, chunked: bool, steps: int, report: bool) -> dict:
         from peftkit.data import batches
 
         b = batches(ex[:8], 8, pad_id=tok.pad_token_id or 0, shuffle=False, seed=0)[0]
-        r = peftkit.memory_report(model, b, measure=True)
+        r = peftkit.memory_report(model, b)
         out["memory_report"] = {k: round(v / 2**20, 1) if isinstance(v, int) else v for k, v in r.as_dict().items()}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(output=tmp, max_steps=steps, batch_size=8, lr=1e-3, log_every=1, progress=False,
@@ -61,7 +62,7 @@ def one_side(data: str, chunked: bool, steps: int, report: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="../shared/data/gsm8k")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--side", choices=["plain", "chunked"])
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()

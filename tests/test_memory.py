@@ -37,10 +37,11 @@ def test_live_memory_follows_allocations_and_frees():
     assert mem.peak == 4000 + 4000
     assert mem.current == 4  # the last tensor: freed storages are swept at each op, this one at the next
 
-def test_estimate_within_ten_percent_of_the_measured_peak():
+@pytest.mark.parametrize("chunked", [True, False])
+def test_estimate_within_ten_percent_of_the_measured_peak(chunked):
     model = _llama()
     peftkit.attach(model, peftkit.LoRA(r=8, target_modules="all-linear"))
-    r = memory_report(model, _batch(), measure=True)
+    r = memory_report(model, _batch(), measure=True, chunked_loss=chunked)
     assert r.activations > r.weights / 2 and r.loss_working_set > 0
     assert abs(r.estimated_peak - r.measured_peak) / r.measured_peak < 0.10
     assert "| activations |" in r.markdown() and "measured peak" in r.markdown()

@@ -105,13 +105,14 @@ def weight_bytes(model: nn.Module) -> tuple[int, set[int]]:
     return total, seen
 
 
-def _loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+def _loss(model: nn.Module, batch: dict[str, Any], chunked: bool = True) -> torch.Tensor:
     from .train.loss import model_loss
 
-    return model_loss(model, batch)
+    return model_loss(model, batch, chunked=chunked)
 
 
-def saved_activation_bytes(model: nn.Module, batch: dict[str, Any], skip: set[int] | None = None) -> int:
+def saved_activation_bytes(model: nn.Module, batch: dict[str, Any], skip: set[int] | None = None,
+                           chunked: bool = True) -> int:
     """Bytes of the tensors autograd keeps for backward after one forward and loss on ``batch``."""
     skip = skip if skip is not None else weight_bytes(model)[1]
     seen: dict[int, int] = {}
@@ -127,7 +128,7 @@ def saved_activation_bytes(model: nn.Module, batch: dict[str, Any], skip: set[in
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = _loss(model, batch)
+        loss = _loss(model, batch, chunked)
     del loss
     return sum(seen.values())
 
@@ -161,26 +162,27 @@ class LiveMemory(TorchDispatchMode):
         return out
 
 
-def measure_peak(model: nn.Module, batch: dict[str, Any]) -> int:
+def measure_peak(model: nn.Module, batch: dict[str, Any], chunked: bool = True) -> int:
     """Weights plus the peak of torch's live allocations during one forward, loss and backward (gradients freed after)."""
     weights, _ = weight_bytes(model)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = None
     with LiveMemory() as mem:
-        _loss(model, batch).backward()
+        _loss(model, batch, chunked).backward()
     for p in params:
         p.grad = None
     return weights + mem.peak
 
 
 def memory_report(model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
-                  measure: bool = False) -> MemoryReport:
+                  measure: bool = False, chunked_loss: bool = True) -> MemoryReport:
     """Weights, gradients, optimizer state and saved activations of one training step on ``batch``.
 
     ``batch`` is what the model is called with (``labels`` included for a loss). ``optimizer``: its state
     is measured if it has stepped, else AdamW's two moments are assumed. ``measure``: also run one forward
-    and backward under :class:`LiveMemory` and report the measured peak.
+    and backward under :class:`LiveMemory` and report the measured peak. ``chunked_loss``: the loss as
+    training computes it (:func:`peftkit.train.loss.model_loss`).
     """
     weights, skip = weight_bytes(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -194,16 +196,17 @@ def memory_report(model: nn.Module, batch: dict[str, Any], optimizer: torch.opti
     was = model.training
     model.train()
     try:
-        acts = saved_activation_bytes(model, batch, skip)
-        peak = measure_peak(model, batch) if measure else None
+        acts = saved_activation_bytes(model, batch, skip, chunked_loss)
+        peak = measure_peak(model, batch, chunked_loss) if measure else None
     finally:
         model.train(was)
     if peak is not None:
         peak += opt_bytes  # no optimizer step runs in the measurement
-    return MemoryReport(weights, grads, opt_bytes, acts, _loss_working_set(model, batch), peak, measured_opt)
+    work = _loss_working_set(model, batch, chunked_loss)
+    return MemoryReport(weights, grads, opt_bytes, acts, work, peak, measured_opt)
 
 
-def _loss_working_set(model: nn.Module, batch: dict[str, Any]) -> int:
+def _loss_working_set(model: nn.Module, batch: dict[str, Any], chunked: bool) -> int:
     from .train.loss import DEFAULT_CHUNK, IGNORE, _head, supports_chunked_loss
 
     labels = batch.get("labels")
@@ -211,7 +214,7 @@ def _loss_working_set(model: nn.Module, batch: dict[str, Any]) -> int:
     if labels is None or labels.ndim != 2 or head is None or not hasattr(head, "out_features"):
         return 0
     vocab = head.out_features
-    if supports_chunked_loss(model):
+    if chunked and supports_chunked_loss(model):
         rows = min(int((labels[:, 1:] != IGNORE).sum()), DEFAULT_CHUNK)
         return 3 * rows * vocab * 4
     item = head.weight.element_size()

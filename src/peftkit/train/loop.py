@@ -320,7 +320,7 @@ def _memory_hook(model: nn.Module, collate: Collate, examples: Sequence[Any], co
     if not first:
         return None
     with torch.random.fork_rng(devices=[]):  # dropout in this forward must not shift the training's randomness
-        return memory_report(model, _to_device(first[0], device)).as_dict()
+        return memory_report(model, _to_device(first[0], device), chunked_loss=config.chunked_loss).as_dict()
 
 
 def _log(s: dict[str, Any], info: distributed.DistInfo, output: Path, record: dict[str, Any]) -> None:
