@@ -89,6 +89,8 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
         from ..quant.schemes import get_scheme
 
         get_scheme(s["quantize"])
+        if full:
+            raise ConfigError("--quantize needs an adapter method (lora, dora): a quantized base cannot train (--method full)")
     cols = _columns(s.get("columns"))
     records = load_records(s["data"], cols)
     eval_records = load_records(s["eval_data"], cols) if s.get("eval_data") else None
@@ -111,8 +113,6 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {n: i for i, n in enumerate(labels)}
     if s.get("quantize"):  # QLoRA: the frozen base in nf4 / int8 (peftkit.quant), adapters on top
-        if full:
-            raise ConfigError("--quantize needs an adapter method (lora, dora): a quantized base cannot train (--method full)")
         from ..quant import quantize
 
         quantize(model, s["quantize"])
