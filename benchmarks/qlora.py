@@ -71,6 +71,9 @@ def run(base: torch.nn.Module, scheme: str | None, data: list[dict[str, torch.Te
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
         losses.append(loss.item())
+        if len(losses) % 10 == 0:
+            print(f"  {scheme or 'bf16'} step {len(losses)}: loss {statistics.mean(losses[-10:]):.4f}, "
+                  f"{statistics.median(times):.2f} s/step", flush=True)
     return {"weights_mb": weight_bytes(model)[0] / MB, "linear_weights_mb": lin / MB,
             "measured_peak_mb": rep.measured_peak / MB, "estimated_peak_mb": rep.estimated_peak / MB,
             "loss_last10": statistics.mean(losses[-10:]), "loss_first": losses[0],
