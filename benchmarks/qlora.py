@@ -60,6 +60,8 @@ def run(base: torch.nn.Module, scheme: str | None, data: list[dict[str, torch.Te
             if n.endswith("lora_A"):
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
     rep = peftkit.memory_report(model, data[0], measure=True)
+    print(f"  {scheme or 'bf16'}: weights {weight_bytes(model)[0] / MB:.1f} MB (linear layers {lin / MB:.1f} MB), "
+          f"step peak measured {rep.measured_peak / MB:.1f} MB, estimated {rep.estimated_peak / MB:.1f} MB", flush=True)
     opt = torch.optim.AdamW(peftkit.adapter_parameters(model).values(), lr=1e-3)
     model.train()
     losses, times = [], []
