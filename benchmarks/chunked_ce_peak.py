@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct + LoRA r=16 on every block linear, chat prompts, max lengt
 batch, ``--steps`` optimizer steps (default 1: the peak is reached in the first). Each side runs in its
 own process (``ru_maxrss`` is a per-process high-water mark); the peak RSS and the increase over the
 loaded model are printed, with
-``peftkit.memory_report`` of the first batch for the chunked side.
+``peftkit.memory_report`` of the first batch for the chunked side. ``--side chunked-gc`` runs one side
+alone: chunked CE plus gradient checkpointing (``--gradient-checkpointing``).
 
     PYTHONPATH=src python benchmarks/chunked_ce_peak.py --data ../shared/data/gsm8k [--steps 1]
 """
@@ -26,7 +27,7 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def one_side(data: str, chunked: bool, steps: int, report: bool) -> dict:
+def one_side(data: str, chunked: bool, steps: int, report: bool, gc: bool = False) -> dict:
     import torch
 
     import peftkit
@@ -42,7 +43,7 @@ def one_side(data: str, chunked: bool, steps: int, report: bool) -> dict:
     model, tok = tasks.load_model("smollm2-135m", "causal-lm", tok=tok)
     peftkit.attach(model, peftkit.LoRA(r=16, alpha=32, target_modules="all-linear"))
     loaded = rss_mb()
-    out = {"chunked": chunked, "rss_loaded_mb": round(loaded, 1)}
+    out = {"chunked": chunked, "gradient_checkpointing": gc, "rss_loaded_mb": round(loaded, 1)}
     if report:
         from peftkit.data import batches
 
@@ -51,7 +52,7 @@ def one_side(data: str, chunked: bool, steps: int, report: bool) -> dict:
         out["memory_report"] = {k: round(v / 2**20, 1) if isinstance(v, int) else v for k, v in r.as_dict().items()}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(output=tmp, max_steps=steps, batch_size=8, lr=1e-3, log_every=1, progress=False,
-                          chunked_loss=chunked)
+                          chunked_loss=chunked, gradient_checkpointing=gc)
         metrics = train(model, cfg, ex, None, pad_id=tok.pad_token_id or 0)
     out["rss_peak_mb"] = round(rss_mb(), 1)
     out["rss_increase_mb"] = round(out["rss_peak_mb"] - loaded, 1)
@@ -63,11 +64,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="../shared/data/gsm8k")
     ap.add_argument("--steps", type=int, default=1)
-    ap.add_argument("--side", choices=["plain", "chunked"])
+    ap.add_argument("--side", choices=["plain", "chunked", "chunked-gc"])
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     if args.side:
-        print(json.dumps(one_side(args.data, args.side == "chunked", args.steps, args.report)))
+        print(json.dumps(one_side(args.data, args.side != "plain", args.steps, args.report, args.side == "chunked-gc")))
         return
     results = {}
     for side in ("plain", "chunked"):
