@@ -34,6 +34,7 @@ from .core.model import active_names, adapter_names
 from .core.registry import METHODS, get_method, method_table, register
 from .core.summary import summary
 from .io import load, read_adapters, save, write_adapters
+from .memory import memory_report
 from .merging import extract_lora, learn_coefficients, merge_adapters, merge_checkpoints
 from .methods.adalora import AdaLoRA
 from .methods.boft import BOFT
@@ -109,6 +110,7 @@ __all__ = [
     "learn_coefficients",
     "load",
     "lora_plus_param_groups",
+    "memory_report",
     "merge",
     "merge_adapters",
     "merge_checkpoints",

@@ -136,6 +136,12 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     if full and method_opts:
         raise ConfigError(f"--method full takes no method options (got --{next(iter(method_opts)).replace('_', '-')})")
     config = None if full else build_config(s["method"], method_opts)  # validated before anything heavy
+    if s.get("quantize"):
+        from ..quant.schemes import get_scheme
+
+        get_scheme(s["quantize"])
+        if full:
+            raise ConfigError("--quantize needs an adapter method (lora, dora): a quantized base cannot train (--method full)")
     out = Path(s["output"])
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if main_rank:
@@ -167,6 +173,10 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     if labels:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {n: i for i, n in enumerate(labels)}
+    if s.get("quantize"):  # QLoRA: the frozen base in nf4 / int8 (peftkit.quant), adapters on top
+        from ..quant import quantize
+
+        quantize(model, s["quantize"])
     if config is not None:
         attach(model, config)
         print(summary(model))

@@ -22,7 +22,8 @@ TRAIN_NUMBERS: dict[str, type] = {
 }
 #: the other training settings (flags or YAML keys)
 TRAIN_OTHER = ("model", "task", "method", "data", "eval_data", "output", "columns", "schedule", "metric",
-               "gradient_checkpointing", "resume", "overwrite", "prompt_format", "fsdp")
+               "gradient_checkpointing", "resume", "overwrite", "prompt_format", "fsdp", "quantize",
+               "optimizer")
 TRAIN_KEYS = frozenset(TRAIN_NUMBERS) | frozenset(TRAIN_OTHER)
 #: names users bring from transformers' TrainingArguments → peftkit's training flag (dash form)
 TRAIN_ALIASES: dict[str, str] = {"learning-rate": "lr", "num-train-epochs": "epochs",

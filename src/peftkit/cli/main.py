@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clear a non-empty --output folder first (refused otherwise, unless --resume)")
     t.add_argument("--fsdp", action="store_true", default=None,
                    help="under torchrun: shard the model with FSDP2 instead of replicating it (DDP)")
+    t.add_argument("--quantize", default=None, metavar="nf4|int8",
+                   help="quantize the frozen base's linear layers (QLoRA; lora and dora train on top)")
+    t.add_argument("--optimizer", default=None, metavar="adamw|galore|lora-fa",
+                   help="adamw (default), galore (low-rank gradient projection) or lora-fa (LoRA's A frozen)")
     t.add_argument("--exact-match", type=int, default=None, metavar="N",
                    help="causal-lm: also report generation exact match on the first N eval rows at the end")
     t.add_argument("--max-new-tokens", type=int, default=None,

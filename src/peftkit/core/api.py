@@ -15,7 +15,7 @@ from torch import nn
 from .adapter import AdapterModule, SharedTensors
 from .config import AdapterConfig
 from .errors import ConfigError, NotMergeableError, PeftkitError, TargetError
-from .layers import float_dtype_for_adapter
+from .layers import float_dtype_for_adapter, is_quantized
 from .model import (
     active_names,
     adapter_modules,
@@ -58,6 +58,9 @@ def prepare(model: nn.Module, config: AdapterConfig, name: str, targets: Sequenc
     for mname in module_names:
         base = model.get_submodule(mname)
         reason = config.check_layer(base, display_name(mname))
+        if not reason and not config.supports_quantized_base and is_quantized(base._parameters.get("weight")):
+            reason = (f"{config.method} cannot adapt a layer with a quantized weight; use lora or dora, "
+                      "or peftkit.quant.dequantize(model) first")
         if reason:
             problems.append(f"{display_name(mname)}: {reason}")
         bases.append((mname, base))
@@ -338,8 +341,14 @@ def delete(model: nn.Module, name: str) -> nn.Module:
 
 
 def unload(model: nn.Module, merge: bool = False) -> nn.Module:
-    """Remove every trace of peftkit; with ``merge=True`` the active adapters are merged first."""
+    """Remove every trace of peftkit; with ``merge=True`` the active adapters are merged first.
+
+    A quantized base (``peftkit.quant``) is refused with ``merge=True``: call
+    ``peftkit.quant.dequantize(model)`` first (exact merge into dense weights), or ``peftkit.merge``
+    to merge with re-quantization.
+    """
     if merge:
+        _refuse_quantized_unload(model)
         _merge(model)
     for mname, site in list(_sites_with_paths(model))[::-1]:
         keep = set(site.merged) if merge else set()
@@ -352,6 +361,17 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
         site.forget_premerge()
         replace_module(model, mname, site.base)
     return model
+
+
+def _refuse_quantized_unload(model: nn.Module) -> None:
+    names = [display_name(p) for p, s in _sites_with_paths(model)
+             if is_quantized(getattr(s.base, "weight", None)) and any(n in s.active for n in s.adapters)]
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise NotMergeableError(
+            f"unload(merge=True) refused: {shown} have a quantized base weight, and merging would re-quantize it; "
+            "call peftkit.quant.dequantize(model) first to merge into dense weights, or peftkit.merge(model) "
+            "to merge with re-quantization (errors in peftkit.quant.merge_errors(model))")
 
 
 def _sites_with_paths(model: nn.Module) -> Iterator[tuple[str, AdapterSite]]:

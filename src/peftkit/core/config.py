@@ -37,6 +37,8 @@ class AdapterConfig:
     method: ClassVar[str] = ""
     #: layer kinds (see :mod:`peftkit.core.layers`) the method can adapt; None means any module
     supported_layers: ClassVar[tuple[str, ...] | None] = None
+    #: True for methods that work on a layer whose weight is quantized (peftkit.quant): LoRA, DoRA
+    supports_quantized_base: ClassVar[bool] = False
     #: default targets per model family (``config.model_type``) when ``target_modules`` is None
     default_targets: ClassVar[dict[str, list[str]]] = {}
     #: for the method table in the docs: the family (low-rank, scaling, ...), the paper, one line of math

@@ -12,6 +12,7 @@ has one class per layer type.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +79,7 @@ def is_linear_like(module: nn.Module) -> bool:
 
 def as_matrix(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The weight as the ``(out, in_flat)`` matrix of ``y = W x``; a view where the layout allows."""
-    w = module.weight if weight is None else weight
+    w = dense_weight(module) if weight is None else weight
     kind = layer_kind(module)
     if kind == LINEAR:
         return w
@@ -137,3 +138,46 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{type(module).__name__} has no weight tensor")
     return w
+
+
+# -- quantized base weights ------------------------------------------------------------------
+# A quantized base (``peftkit.quant``) keeps its layer class and stores a quantized tensor
+# subclass as ``weight``. Core code never imports the quantization library: the quant package
+# registers each tensor type with its dequantize and re-quantize functions here.
+_QUANTIZED: dict[type, tuple[Callable[[torch.Tensor], torch.Tensor],
+                             Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = {}
+
+
+def register_quantized_type(cls: type, dequantize: Callable[[torch.Tensor], torch.Tensor],
+                            requantize: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    """Declare a quantized weight type: ``dequantize(q) -> dense`` and ``requantize(q, dense) -> q'``
+    (``dense`` quantized with ``q``'s scheme and block sizes)."""
+    _QUANTIZED[cls] = (dequantize, requantize)
+
+
+def is_quantized(weight: object) -> bool:
+    """True if ``weight`` is a registered quantized tensor type (NF4, int8, ...)."""
+    return isinstance(weight, torch.Tensor) and type(weight) in _QUANTIZED
+
+
+def dense_tensor(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` dequantized if it is a registered quantized type, else ``weight`` itself."""
+    if type(weight) in _QUANTIZED:
+        return _QUANTIZED[type(weight)][0](weight)
+    return weight
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as a dense tensor (module layout): dequantized if it is quantized, else itself."""
+    return dense_tensor(base_weight(module))
+
+
+def requantize_weight(module: nn.Module, dense: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Quantize ``dense`` (module layout) like the module's quantized weight; returns the new quantized
+    tensor and the relative re-quantization error ``‖deq(Q(W')) − W'‖_F / ‖W'‖_F``."""
+    w = base_weight(module)
+    dequantize, requantize = _QUANTIZED[type(w)]
+    q = requantize(w, dense)
+    err = torch.linalg.vector_norm((dequantize(q).float() - dense.float()).flatten())
+    ref = torch.linalg.vector_norm(dense.float().flatten()).clamp_min(1e-30)
+    return q, float(err / ref)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import AdapterConfig
-from ..core.layers import HF_CONV1D, LINEAR, layer_kind
+from ..core.layers import HF_CONV1D, LINEAR, is_quantized, layer_kind
 from ..core.registry import register
 from ..formats.codec import HFCodec
 from .lora import HF_OPTIONS, LoRA, LoRALayer, lora_export, lora_options_from_hf, lora_options_to_hf
@@ -102,7 +102,8 @@ class DoRALayer(LoRALayer):
             return wf.pow(2).sum(1)
         w = base.weight
         a = self.lora_A
-        key = (w.data_ptr(), w._version, w.dtype, w.device, a.dtype, a.device, tuple(site.merged), tuple(site.adapters))
+        ptr = id(w) if is_quantized(w) else w.data_ptr()  # a quantized wrapper tensor has no storage of its own
+        key = (ptr, w._version, w.dtype, w.device, a.dtype, a.device, tuple(site.merged), tuple(site.adapters))
         if self._w_sq is None or key != self._w_key:
             self._w_sq = wf.pow(2).sum(1)
             self._w_key = key
@@ -177,6 +178,12 @@ class DoRALayer(LoRALayer):
     @torch.no_grad()
     def merge_into(self, base: nn.Module) -> None:
         norm = self.weight_norm(base)
+        if is_quantized(base.weight):  # re-quantize W'; unmerge restores the saved quantized weight
+            from ..quant.merge import merge_dense
+
+            merge_dense(self, base, self.unmatrix(base, self._merged_matrix(base, norm)).to(base.weight.dtype))
+            self.invalidate_cache()
+            return
         w = base.weight
         w.data.copy_(self.unmatrix(base, self._merged_matrix(base, norm)).to(w.dtype))
         self._merge_norm = norm
@@ -184,6 +191,11 @@ class DoRALayer(LoRALayer):
 
     @torch.no_grad()
     def unmerge_from(self, base: nn.Module) -> None:
+        from ..quant.merge import unmerge
+
+        if unmerge(self, base):
+            self.invalidate_cache()
+            return
         if self._merge_norm is None:
             raise RuntimeError("unmerge_from called on a DoRA adapter that is not merged")
         w = base.weight

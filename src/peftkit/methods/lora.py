@@ -40,11 +40,22 @@ from torch import nn
 from ..core.adapter import AdapterModule
 from ..core.config import LowRankOptions, probability
 from ..core.errors import ConfigError
-from ..core.layers import CONV1D, CONV2D, EMBEDDING, HF_CONV1D, LINEAR, layer_info, layer_kind
+from ..core.layers import (
+    CONV1D,
+    CONV2D,
+    EMBEDDING,
+    HF_CONV1D,
+    LINEAR,
+    dense_tensor,
+    dense_weight,
+    is_quantized,
+    layer_info,
+    layer_kind,
+)
 from ..core.registry import register
 from ..core.targets import ATTENTION_QV
 from ..formats.codec import HFCodec
-from .lora_fused import FusedLoRALinear
+from .lora_fused import FusedLoRALinear, QuantLoRALinear
 
 try:
     from transformers.pytorch_utils import Conv1D as _HFConv1D
@@ -71,6 +82,7 @@ class LoRA(LowRankOptions):
     formula = "W x + s·B A x; A, B"
     supported_layers = (LINEAR, HF_CONV1D, CONV1D, CONV2D, EMBEDDING)
     default_targets = ATTENTION_QV
+    supports_quantized_base = True
 
     dropout: float = 0.0
     init: str = "default"
@@ -97,6 +109,9 @@ class LoRA(LowRankOptions):
                 return f"padding_mode={base.padding_mode!r} is not supported by {self.method}"
         if str(self.init).startswith(("pissa", "milora")) and kind not in (LINEAR, HF_CONV1D):
             return f"init={self.init!r} needs a linear layer, not {type(base).__name__}"
+        if str(self.init).startswith(("pissa", "milora")) and is_quantized(base.weight):
+            return (f"init={self.init!r} rewrites the base weight, which is quantized here; "
+                    "use init='default' or peftkit.quant.loftq for a quantized base")
         r = self.rank_for(module_name)
         limit = max_rank(base)
         if r > limit:
@@ -189,6 +204,8 @@ class LoRALayer(AdapterModule):
         """Base + low-rank path as one autograd node (:mod:`peftkit.methods.lora_fused`) for a plain
         linear layer with the adapter's dtype and no active dropout; None otherwise."""
         base = site.base
+        if is_quantized(base.weight):
+            return self._quantized_forward(x, base)
         if type(base) is not nn.Linear and not (self.kind == HF_CONV1D and type(base).forward is _HF_CONV1D_FORWARD):
             return None
         if self.training and not isinstance(self.dropout, nn.Identity):
@@ -198,7 +215,32 @@ class LoRALayer(AdapterModule):
             return None
         return FusedLoRALinear.apply(x, base.weight, base.bias, A, self.lora_B, self.scaling, self.kind == HF_CONV1D)
 
+    def _quantized_forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        """QLoRA: one node that keeps only the quantized weight for backward (None: general path)."""
+        if type(base) is not nn.Linear or (self.training and not isinstance(self.dropout, nn.Identity)):
+            return None
+        if x.device != self.lora_A.device:
+            return None
+        return QuantLoRALinear.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, dense_tensor)
+
     # -- merging ---------------------------------------------------------------------
+    @torch.no_grad()
+    def merge_into(self, base: nn.Module) -> None:
+        if is_quantized(base.weight):  # re-quantize W + ΔW; the error is recorded (peftkit.quant.merge_errors)
+            from ..quant.merge import merge_dense
+
+            w = dense_weight(base)
+            merge_dense(self, base, w + self.delta_weight(base).to(w.dtype))
+            return
+        super().merge_into(base)
+
+    @torch.no_grad()
+    def unmerge_from(self, base: nn.Module) -> None:
+        from ..quant.merge import unmerge
+
+        if not unmerge(self, base):
+            super().unmerge_from(base)
+
     def delta_matrix(self) -> torch.Tensor:
         """``s · B A`` as an ``(out, in_flat)`` matrix (``in_flat`` = in·k for convolutions)."""
         a = self.lora_A.reshape(self.r, -1)

@@ -28,6 +28,10 @@ class TrainConfig:
     ``fsdp``: under ``torchrun``, shard the model with FSDP2 (every transformer block, then the root)
     instead of replicating it with DDP — for models that do not fit one device. Checkpoints
     (``save_every``, ``resume``) are not available with it yet; the final adapter is saved.
+    ``chunked_loss``: causal LMs in one process compute the loss over chunks of labelled positions
+    (:mod:`peftkit.train.loss`; same value and gradients, a fraction of the memory).
+    ``optimizer``: ``adamw``, ``galore`` (low-rank gradient projection, for large 2-D parameters such as
+    ``--method full``) or ``lora-fa`` (LoRA's ``A`` frozen, only ``B`` trained); see :mod:`peftkit.optim`.
     """
 
     output: str
@@ -53,6 +57,8 @@ class TrainConfig:
     resume: bool = False
     progress: bool | None = None
     fsdp: bool = False
+    chunked_loss: bool = True
+    optimizer: str = "adamw"
 
     def validate(self) -> None:
         """Raise :class:`peftkit.ConfigError` naming the first bad option."""
@@ -81,6 +87,9 @@ class TrainConfig:
         if self.fsdp and (self.save_every or self.resume):
             raise ConfigError("fsdp: checkpoints (save_every / resume) are not supported with FSDP yet; "
                               "drop them (the final adapter is still saved) or train without fsdp")
+        from ..optim import check_optimizer
+
+        check_optimizer(self.optimizer)
         if not self.metric:
             raise ConfigError("metric: a metric name such as 'eval_loss' is required")
 

@@ -33,6 +33,7 @@ from ..core.errors import ConfigError, did_you_mean
 from ..core.sharding import full_state, scalar
 from . import checkpoint, distributed, report
 from .config import TrainConfig
+from .loss import model_loss
 from .schedule import make_scheduler
 
 Batch = dict[str, torch.Tensor]
@@ -75,6 +76,8 @@ def train(model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], 
     run.restore_or_seed()
     run.prepare(eval_examples)
     interrupted = False
+    run.memory = (_memory_hook(model, run.collate, train_examples, config, run.info, run.device)
+                  if run.s["step"] == 0 else None)
     try:
         while run.s["step"] < run.total and not run.s["stopped_early"]:
             logs = run.optimizer_step()
@@ -194,7 +197,7 @@ class _Run:
                 self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
             sync = contextlib.nullcontext() if not info.enabled or self.sharded or last else self.net.no_sync()
             with sync:
-                loss = _loss(self.net(**b))
+                loss = model_loss(self.net, b, chunked=config.chunked_loss and not info.enabled)
                 reg = hooks.regularization_loss(model, step, total) if scheduled else 0.0
                 ((loss + reg) / len(micro)).backward()
             loss_sum += loss.item()
@@ -308,6 +311,8 @@ class _Run:
             checkpoint.restore_trained(self.model, self.extra, self.best_tensors, "best adapter")
             last_eval = next(r for r in s["history"] if config.metric in r and r["step"] == s["best_step"])
         metrics = _final_metrics(s, config, self.params, self.device, last_eval, interrupted)
+        if getattr(self, "memory", None):
+            metrics["memory"] = self.memory
         if self.info.is_main or self.sharded:  # under FSDP every rank takes part in gathering the adapter
             _write_outputs(self.model, self.extra, self.output, metrics, config, s["history"], self.info.is_main)
         distributed.barrier(self.info)
@@ -370,6 +375,24 @@ def _write_outputs(model: nn.Module, extra: dict[str, nn.Parameter], output: Pat
     report.write_metrics_json(output / "metrics.json", metrics)
     report.plot_curves(output / "curves.png", history, config.metric)
     report.write_report(output / "report.md", metrics, config.to_dict(), history)
+    if metrics.get("memory"):
+        from ..memory import append_memory_section
+
+        append_memory_section(output / "report.md", metrics["memory"], metrics.get("peak_memory_mb"))
+
+
+def _memory_hook(model: nn.Module, collate: Collate, examples: Sequence[Any], config: TrainConfig,
+                 info: distributed.DistInfo, device: torch.device) -> dict[str, Any] | None:
+    """``peftkit.memory_report`` of the first batch (single process only), for report.md."""
+    if info.enabled:
+        return None
+    from ..memory import memory_report
+
+    first = collate(examples[: config.batch_size], config.batch_size, False, config.seed)
+    if not first:
+        return None
+    with torch.random.fork_rng(devices=[]):  # dropout in this forward must not shift the training's randomness
+        return memory_report(model, _to_device(first[0], device), chunked_loss=config.chunked_loss).as_dict()
 
 
 def _fmt(v: Any) -> str:
@@ -401,7 +424,7 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def _optimizer(model: nn.Module, config: TrainConfig, params: list[nn.Parameter],
-               extra: list[nn.Parameter]) -> torch.optim.AdamW:
+               extra: list[nn.Parameter]) -> torch.optim.Optimizer:
     if config.loraplus_ratio is not None:
         from ..methods.lora import lora_plus_param_groups
 
@@ -431,13 +454,6 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def _loss(out: Any) -> torch.Tensor:
-    loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
-    if loss is None:
-        raise ConfigError("the model returned no loss: the batches need 'labels' (or the model must return a loss)")
-    return loss
-
-
 def _count_tokens(batch: Batch) -> int:
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
@@ -456,7 +472,7 @@ def default_evaluate(model: nn.Module, batches: list[Batch]) -> dict[str, float]
             n = int((labels[..., 1:] != -100).sum())
         else:
             n = labels.shape[0]
-        total += _loss(model(**b)).item() * n
+        total += model_loss(model, b).item() * n
         weight += n
     loss = total / max(1, weight)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}

@@ -1,0 +1,114 @@
+"""QLoRA (NF4 base) against LoRA on a bfloat16 base, SmolLM2-135M-Instruct, one process.
+
+Both sides: the same bf16 weights (the NF4 side quantizes them), LoRA r=16 alpha=32 on every block
+linear (float32 adapters), AdamW lr 1e-3, the same batches (GSM8K training questions + answers cut
+to ``--length`` tokens, plain LM loss), ``--steps`` steps. Printed: weight bytes (all, and the
+quantized linear layers' share), the torch peak of one training step measured by
+``peftkit.memory_report(measure=True)``, the process RSS, the mean loss of the last 10 steps, and
+the ratios NF4 / bf16.
+
+    PYTHONPATH=src python benchmarks/qlora.py --data ../shared/data/gsm8k [--steps 100] [--length 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+import peftkit
+from peftkit import quant
+from peftkit.memory import weight_bytes
+
+MB = 2**20
+
+
+def batches(data: str, tok, steps: int, rows: int, length: int) -> list[dict[str, torch.Tensor]]:
+    lines = open(f"{data}/train.jsonl").read().splitlines()[: steps * rows]
+    texts = [(lambda r: r["question"] + "\n" + r["answer"])(json.loads(x)) for x in lines]
+    out = []
+    for i in range(0, len(texts), rows):
+        enc = tok(texts[i:i + rows], truncation=True, max_length=length, padding="max_length", return_tensors="pt")
+        labels = enc["input_ids"].clone()
+        labels[enc["attention_mask"] == 0] = -100
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+    return out
+
+
+def linear_weight_bytes(model: torch.nn.Module) -> int:
+    return sum(quant.storage_bytes(m.weight) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+
+
+def run(base: torch.nn.Module, scheme: str | None, data: list[dict[str, torch.Tensor]]) -> dict:
+    model = copy.deepcopy(base)
+    if scheme:
+        quant.quantize(model, scheme)
+    lin = linear_weight_bytes(model)
+    peftkit.attach(model, peftkit.LoRA(r=16, alpha=32, target_modules="all-linear"))
+    torch.manual_seed(0)
+    for n, p in peftkit.adapter_parameters(model).items():  # the same adapter start on both sides
+        g = torch.Generator().manual_seed(hash(n) % 2**31)
+        with torch.no_grad():
+            if n.endswith("lora_A"):
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+    rep = peftkit.memory_report(model, data[0], measure=True)
+    print(f"  {scheme or 'bf16'}: weights {weight_bytes(model)[0] / MB:.1f} MB (linear layers {lin / MB:.1f} MB), "
+          f"step peak measured {rep.measured_peak / MB:.1f} MB, estimated {rep.estimated_peak / MB:.1f} MB", flush=True)
+    opt = torch.optim.AdamW(peftkit.adapter_parameters(model).values(), lr=1e-3)
+    model.train()
+    losses, times = [], []
+    for b in data:
+        t = time.perf_counter()
+        loss = model(**b).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+        losses.append(loss.item())
+        if len(losses) % 10 == 0:
+            print(f"  {scheme or 'bf16'} step {len(losses)}: loss {statistics.mean(losses[-10:]):.4f}, "
+                  f"{statistics.median(times):.2f} s/step", flush=True)
+    return {"weights_mb": weight_bytes(model)[0] / MB, "linear_weights_mb": lin / MB,
+            "measured_peak_mb": rep.measured_peak / MB, "estimated_peak_mb": rep.estimated_peak / MB,
+            "loss_last10": statistics.mean(losses[-10:]), "loss_first": losses[0],
+            "step_s_median": statistics.median(times)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="../shared/data/gsm8k")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--rows", type=int, default=4)
+    ap.add_argument("--length", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from peftkit.hub.models import load_causal_lm
+
+    base, tok = load_causal_lm("smollm2-135m")
+    base = base.to(torch.bfloat16).eval()
+    base.config.use_cache = False
+    data = batches(args.data, tok, args.steps, args.rows, args.length)
+    res = {}
+    for side, scheme in (("bf16", None), ("nf4", "nf4")):
+        res[side] = run(base, scheme, data)
+        print(side, json.dumps({k: round(v, 4) for k, v in res[side].items()}), flush=True)
+    b, q = res["bf16"], res["nf4"]
+    print(f"weights NF4/bf16: {q['weights_mb'] / b['weights_mb']:.3f} (all), "
+          f"{q['linear_weights_mb'] / b['linear_weights_mb']:.3f} (quantized linear layers)")
+    print(f"measured step peak NF4/bf16: {q['measured_peak_mb'] / b['measured_peak_mb']:.3f}")
+    print(f"loss (mean of the last 10 of {args.steps} steps) NF4/bf16: {q['loss_last10'] / b['loss_last10']:.4f} "
+          f"({q['loss_last10']:.4f} vs {b['loss_last10']:.4f}); step time NF4/bf16: "
+          f"{q['step_s_median'] / b['step_s_median']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""Quantized frozen bases (QLoRA-style NF4, int8) through torchao: see :mod:`peftkit.quant.model`."""
+
+from .loftq import loftq
+from .model import dequantize, merge_errors, quantize, quantized_layers
+from .schemes import SCHEMES, scheme_of, storage_bytes
+
+__all__ = ["SCHEMES", "dequantize", "loftq", "merge_errors", "quantize", "quantized_layers", "scheme_of", "storage_bytes"]
