@@ -7,7 +7,6 @@ import json
 import pytest
 
 from peftkit.cli.main import main
-from tests.test_cli import llama_dir, lm_data  # noqa: F401  (pytest fixtures)
 
 pytest.importorskip("torchao")
 
