@@ -12,7 +12,7 @@ pytest.importorskip("torchao")
 
 
 @pytest.mark.parametrize(("scheme", "method", "optimizer"), [("nf4", "lora", "lora-fa"), ("int8", "dora", "adamw")])
-def test_train_on_a_quantized_base(llama_dir, lm_data, tmp_path, capsys, scheme, method, optimizer):  # noqa: F811
+def test_train_on_a_quantized_base(llama_dir, lm_data, tmp_path, capsys, scheme, method, optimizer):
     train, evald = lm_data
     out = tmp_path / "run"
     rc = main(["train", "--model", str(llama_dir), "--task", "causal-lm", "--method", method, "--r", "4",
@@ -26,7 +26,7 @@ def test_train_on_a_quantized_base(llama_dir, lm_data, tmp_path, capsys, scheme,
     assert (out / "adapter" / "adapter.safetensors").is_file()
 
 
-def test_quantize_with_full_fine_tuning_is_refused(llama_dir, lm_data, tmp_path, capsys):  # noqa: F811
+def test_quantize_with_full_fine_tuning_is_refused(llama_dir, lm_data, tmp_path, capsys):
     train, _ = lm_data
     rc = main(["train", "--model", str(llama_dir), "--task", "causal-lm", "--method", "full", "--data", str(train),
                "--output", str(tmp_path / "o"), "--quantize", "nf4"])

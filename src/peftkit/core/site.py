@@ -24,6 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .adapter import AdapterModule
+from .layers import is_quantized
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,9 @@ class AdapterSite(nn.Module):
     @torch.no_grad()
     def merge_adapter(self, name: str) -> None:
         """Fold adapter ``name`` into the base weights; the first merge keeps a copy of them."""
-        if not self.merged:
-            self._premerge = {k: t.detach().clone() for k, t in self.base.named_parameters(recurse=False)}
+        if not self.merged:  # quantized weights: the method's merge keeps the replaced tensor itself
+            self._premerge = {k: t.detach().clone() for k, t in self.base.named_parameters(recurse=False)
+                              if not is_quantized(t)}
         self.adapters[name].merge_into(self.base)
         self.merged.append(name)
 

@@ -179,7 +179,7 @@ class DoRALayer(LoRALayer):
     def merge_into(self, base: nn.Module) -> None:
         norm = self.weight_norm(base)
         if is_quantized(base.weight):  # re-quantize W'; unmerge restores the saved quantized weight
-            from ..quant.merge import merge_dense
+            from ..core.requant import merge_dense
 
             merge_dense(self, base, self.unmatrix(base, self._merged_matrix(base, norm)).to(base.weight.dtype))
             self.invalidate_cache()
@@ -191,7 +191,7 @@ class DoRALayer(LoRALayer):
 
     @torch.no_grad()
     def unmerge_from(self, base: nn.Module) -> None:
-        from ..quant.merge import unmerge
+        from ..core.requant import unmerge
 
         if unmerge(self, base):
             self.invalidate_cache()

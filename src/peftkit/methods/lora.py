@@ -227,7 +227,7 @@ class LoRALayer(AdapterModule):
     @torch.no_grad()
     def merge_into(self, base: nn.Module) -> None:
         if is_quantized(base.weight):  # re-quantize W + ΔW; the error is recorded (peftkit.quant.merge_errors)
-            from ..quant.merge import merge_dense
+            from ..core.requant import merge_dense
 
             w = dense_weight(base)
             merge_dense(self, base, w + self.delta_weight(base).to(w.dtype))
@@ -236,7 +236,7 @@ class LoRALayer(AdapterModule):
 
     @torch.no_grad()
     def unmerge_from(self, base: nn.Module) -> None:
-        from ..quant.merge import unmerge
+        from ..core.requant import unmerge
 
         if not unmerge(self, base):
             super().unmerge_from(base)

@@ -23,10 +23,9 @@ from torch import nn
 
 from ..core.errors import TargetError
 from ..core.layers import LINEAR, dense_tensor, is_quantized, layer_kind
+from ..core.requant import REQUANT_ERROR
 from ..core.targeting import ALL_LINEAR, display_name, resolve_targets
 from .schemes import ensure_registered, get_scheme, scheme_of
-
-REQUANT_ERROR = "peftkit_requant_error"
 
 
 def quantize(model: nn.Module, scheme: str = "nf4", targets: Any = ALL_LINEAR, exclude: Any = None) -> nn.Module:

@@ -30,7 +30,7 @@ from torch import nn
 from ..core import hooks
 from ..core.api import adapter_parameters
 from ..core.errors import ConfigError, did_you_mean
-from ..core.sharding import full_state, scalar
+from ..core.sharding import full_state, is_distributed, scalar
 from . import checkpoint, distributed, report
 from .config import TrainConfig
 from .loss import model_loss
@@ -472,7 +472,7 @@ def default_evaluate(model: nn.Module, batches: list[Batch]) -> dict[str, float]
             n = int((labels[..., 1:] != -100).sum())
         else:
             n = labels.shape[0]
-        total += model_loss(model, b).item() * n
+        total += model_loss(model, b, chunked=not is_distributed()).item() * n
         weight += n
     loss = total / max(1, weight)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}

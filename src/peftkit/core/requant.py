@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.layers import requantize_weight
-from .model import REQUANT_ERROR
+from .layers import requantize_weight
+
+#: attribute on a quantized layer holding the relative error of its last re-quantizing merge
+REQUANT_ERROR = "peftkit_requant_error"
 
 _SAVED = "_peftkit_premerge_weight"
 
