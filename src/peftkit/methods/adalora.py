@@ -51,6 +51,27 @@ def check_beta(owner: str, name: str, value: Any) -> None:
         raise ConfigError(f"{owner}: {name} must be in (0, 1), got {value!r}")
 
 
+def check_schedule(cfg: Any, owner: str, why: str = "") -> None:
+    """``total_step`` given and positive, ``tinit``/``tfinal`` integers >= 0 (AdaLoRA, IncreLoRA)."""
+    if cfg.total_step is None:
+        raise ConfigError(f"{owner}: total_step is required: the number of optimizer steps of the run{why}")
+    positive_int(owner, "total_step", cfg.total_step)
+    for name in ("tinit", "tfinal"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"{owner}: {name} must be an integer >= 0, got {v!r}")
+
+
+def check_training_options(cfg: Any, owner: str) -> None:
+    """The importance averages' betas, alpha, the orthogonality weight and dropout (AdaLoRA, IncreLoRA)."""
+    check_beta(owner, "beta1", cfg.beta1)
+    check_beta(owner, "beta2", cfg.beta2)
+    check_alpha(owner, cfg.alpha)
+    if not isinstance(cfg.orth_reg_weight, (int, float)) or cfg.orth_reg_weight < 0:
+        raise ConfigError(f"{owner}: orth_reg_weight must be >= 0, got {cfg.orth_reg_weight!r}")
+    probability(owner, "dropout", cfg.dropout)
+
+
 def check_alpha(owner: str, alpha: Any) -> None:
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         raise ConfigError(f"{owner}: alpha must be a number, got {alpha!r}")
@@ -108,25 +129,13 @@ class AdaLoRA(AdapterConfig):
         if self.target_r > self.init_r:
             raise ConfigError(f"{owner}: target_r={self.target_r} is above init_r={self.init_r}; the budget can only "
                               f"shrink (use target_r <= {self.init_r}, or raise init_r)")
-        if self.total_step is None:
-            raise ConfigError(f"{owner}: total_step is required: the number of optimizer steps of the run "
-                              "(the budget schedule ends at total_step - tfinal)")
-        positive_int(owner, "total_step", self.total_step)
-        for name in ("tinit", "tfinal"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"{owner}: {name} must be an integer >= 0, got {v!r}")
+        check_schedule(self, owner, " (the budget schedule ends at total_step - tfinal)")
         if self.tinit + self.tfinal >= self.total_step:
             raise ConfigError(f"{owner}: tinit ({self.tinit}) + tfinal ({self.tfinal}) must be below total_step "
                               f"({self.total_step}), or no step is left to allocate the budget; lower tinit/tfinal "
                               f"or raise total_step above {self.tinit + self.tfinal}")
         positive_int(owner, "delta_t", self.delta_t)
-        check_beta(owner, "beta1", self.beta1)
-        check_beta(owner, "beta2", self.beta2)
-        check_alpha(owner, self.alpha)
-        if not isinstance(self.orth_reg_weight, (int, float)) or self.orth_reg_weight < 0:
-            raise ConfigError(f"{owner}: orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
-        probability(owner, "dropout", self.dropout)
+        check_training_options(self, owner)
         for k, v in (self.rank_pattern or {}).items():
             if not isinstance(v, list) or len(v) != self.init_r:
                 raise ConfigError(f"{owner}: rank_pattern[{k!r}] must be a list of init_r={self.init_r} booleans")

@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from ..core.adapter import AdapterModule
-from ..core.config import AdapterConfig, positive_int, probability
+from ..core.config import AdapterConfig, positive_int
 from ..core.errors import ConfigError
 from ..core.hooks import StepInfo
 from ..core.layers import CONV2D, HF_CONV1D, LINEAR
 from ..core.registry import register
 from ..core.targets import ATTENTION_QV
-from .adalora import check_alpha, check_beta, svd_layer_problem
+from .adalora import check_schedule, check_training_options, svd_layer_problem
 from .svd_lowrank import SVDLayer
 
 
@@ -78,22 +78,11 @@ class IncreLoRA(AdapterConfig):
         if self.target_r > self.max_r:
             raise ConfigError(f"{owner}: target_r={self.target_r} is above max_r={self.max_r}, the room of one layer "
                               f"(use target_r <= {self.max_r}, or raise max_r)")
-        if self.total_step is None:
-            raise ConfigError(f"{owner}: total_step is required: the number of optimizer steps of the run")
-        positive_int(owner, "total_step", self.total_step)
-        for name in ("tinit", "tfinal"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"{owner}: {name} must be an integer >= 0, got {v!r}")
+        check_schedule(self, owner)
         if self.events() < 1:
             raise ConfigError(f"{owner}: no growth step fits: delta_t={self.delta_t} is larger than the "
                               f"{self.total_step - self.tfinal - self.tinit} steps between tinit and total_step - tfinal")
-        check_beta(owner, "beta1", self.beta1)
-        check_beta(owner, "beta2", self.beta2)
-        check_alpha(owner, self.alpha)
-        if not isinstance(self.orth_reg_weight, (int, float)) or self.orth_reg_weight < 0:
-            raise ConfigError(f"{owner}: orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
-        probability(owner, "dropout", self.dropout)
+        check_training_options(self, owner)
         for k, v in (self.rank_pattern or {}).items():
             if not isinstance(v, list) or len(v) != self.max_r:
                 raise ConfigError(f"{owner}: rank_pattern[{k!r}] must be a list of max_r={self.max_r} booleans")
