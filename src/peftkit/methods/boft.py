@@ -51,7 +51,7 @@ from ..core.layers import CONV2D, HF_CONV1D, LINEAR, as_matrix, from_matrix, lay
 from ..core.registry import register
 from ..core.targets import ATTENTION_QV
 from ..formats.codec import HFCodec
-from .oft import _dim_words, cayley, rotated_dim
+from .oft import _dim_words, cayley, rotated_dim, rotation_problem
 
 DEFAULT_BLOCK_SIZE = 4  # peft's default boft_block_size
 
@@ -113,16 +113,7 @@ class BOFT(AdapterConfig):
         return m, n, b
 
     def check_layer(self, base: nn.Module, module_name: str) -> str | None:
-        reason = super().check_layer(base, module_name)
-        if reason:
-            return reason
-        if layer_kind(base) == CONV2D and base.groups != 1:
-            return f"grouped convolutions (groups={base.groups}) are not supported by {self.method}"
-        try:
-            self.layout(base)
-        except ConfigError as e:
-            return str(e)
-        return None
+        return super().check_layer(base, module_name) or rotation_problem(self, base)
 
     def build(self, base: nn.Module, module_name: str) -> BOFTLayer:
         return BOFTLayer(self, base)

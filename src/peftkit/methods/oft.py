@@ -139,16 +139,7 @@ class OFT(AdapterConfig):
         return nblocks, size
 
     def check_layer(self, base: nn.Module, module_name: str) -> str | None:
-        reason = super().check_layer(base, module_name)
-        if reason:
-            return reason
-        if layer_kind(base) == CONV2D and base.groups != 1:
-            return f"grouped convolutions (groups={base.groups}) are not supported by {self.method}"
-        try:
-            self.layout(base)
-        except ConfigError as e:
-            return str(e)
-        return None
+        return super().check_layer(base, module_name) or rotation_problem(self, base)
 
     def build(self, base: nn.Module, module_name: str) -> OFTLayer:
         return OFTLayer(self, base)
@@ -372,6 +363,18 @@ def oft_to_hf(config: OFT) -> dict[str, Any]:
         "layers_pattern": None,
         "modules_to_save": None,
     }
+
+
+def rotation_problem(config: Any, base: nn.Module) -> str | None:
+    """Why ``base`` cannot be rotated by ``config`` (OFT, BOFT): grouped convolutions, or a block layout
+    (``config.layout(base)``) that does not fit the layer; None when it can."""
+    if layer_kind(base) == CONV2D and base.groups != 1:
+        return f"grouped convolutions (groups={base.groups}) are not supported by {config.method}"
+    try:
+        config.layout(base)
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def _no_hf_reason(base: nn.Module) -> str | None:
