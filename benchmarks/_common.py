@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -155,3 +158,25 @@ def cli(doc: str, run: Callable[..., dict[str, float]], title: str, **counts: in
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)
+
+
+def training_peak_rss(model: torch.nn.Module, steps: int,
+                      step_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], Callable[[], None]] | None = None
+                      ) -> dict[str, float]:
+    """Peak RSS of ``steps`` training steps (4×128 tokens) on ``model``, the loading peak excluded.
+
+    Run it in a child process (:func:`child_json`): a process's peak RSS cannot be lowered again.
+    """
+    batch = token_batch(4, 128, model.config.vocab_size)
+    step = (step_fn or train_step_fn)(model, batch)
+    gc.collect()
+    before = reset_peak_rss()  # the model loading peak must not hide the training peak
+    for _ in range(steps):
+        step()
+    return {"peak_rss_mb": current_peak_rss_mb(), "rss_before_mb": before}
+
+
+def child_json(script: str, *args: str) -> dict[str, Any]:
+    """Run ``python script args...`` and parse the JSON object on its last output line."""
+    out = subprocess.run([sys.executable, script, *args], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

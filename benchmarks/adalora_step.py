@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 
 import _common as C
@@ -82,22 +80,11 @@ def step_fn(lib: str, model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
 
 def rss_child(lib: str, steps: int) -> None:
     C.setup()
-    model = BUILDERS[lib]()
-    batch = C.token_batch(4, 128, model.config.vocab_size)
-    step = step_fn(lib, model, batch)
-    import gc
-
-    gc.collect()
-    before = C.reset_peak_rss()
-    for _ in range(steps):
-        step()
-    print(json.dumps({"peak_rss_mb": C.current_peak_rss_mb(), "rss_before_mb": before}))
+    print(json.dumps(C.training_peak_rss(BUILDERS[lib](), steps, lambda model, batch: step_fn(lib, model, batch))))
 
 
 def peak_rss(lib: str, steps: int = 3) -> dict[str, float]:
-    out = subprocess.run([sys.executable, __file__, "--rss-child", lib, "--steps", str(steps)],
-                         check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return C.child_json(__file__, "--rss-child", lib, "--steps", str(steps))
 
 
 def run(steps: int = 6, warmup: int = 2, rss: bool = True) -> dict[str, float]:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 
 import _common as C
 
@@ -51,23 +49,12 @@ BUILDERS = {"peftkit": peftkit_model, "peft": peft_model}
 
 
 def rss_child(lib: str, method: str, steps: int) -> None:
-    import gc
-
     C.setup()
-    model = BUILDERS[lib](method)
-    batch = C.token_batch(4, 128, model.config.vocab_size)
-    step = C.train_step_fn(model, batch)
-    gc.collect()
-    before = C.reset_peak_rss()  # the model loading peak must not hide the training peak
-    for _ in range(steps):
-        step()
-    print(json.dumps({"peak_rss_mb": C.current_peak_rss_mb(), "rss_before_mb": before}))
+    print(json.dumps(C.training_peak_rss(BUILDERS[lib](method), steps)))
 
 
 def peak_rss(lib: str, method: str, steps: int) -> dict[str, float]:
-    out = subprocess.run([sys.executable, __file__, "--rss-child", lib, "--methods", method, "--steps", str(steps)],
-                         check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return C.child_json(__file__, "--rss-child", lib, "--methods", method, "--steps", str(steps))
 
 
 def run(method: str, steps: int, warmup: int = 2, rss_steps: int = 3) -> dict[str, float]:
