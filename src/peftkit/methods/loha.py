@@ -34,15 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterModule
-from ..core.config import LowRankOptions
 from ..core.layers import CONV1D, CONV2D, LINEAR, layer_kind
 from ..core.registry import register
-from ..core.targets import ATTENTION_QV
 from ..formats.codec import HFCodec
 from .lycoris import (
     LYCORIS_HF_OPTIONS,
-    check_conv,
-    check_dropouts,
+    LycorisOptions,
     conv_delta,
     lycoris_options_from_hf,
     lycoris_options_to_hf,
@@ -53,7 +50,7 @@ from .lycoris import (
 
 @register
 @dataclass
-class LoHa(LowRankOptions):
+class LoHa(LycorisOptions):
     """Hadamard product of two rank-``r`` products, ``s·(W1a W1b) ⊙ (W2a W2b)``, ``s = alpha/r``.
 
     ``rank_dropout`` / ``module_dropout``: training-time dropout of ``ΔW``'s output rows / of the
@@ -65,19 +62,6 @@ class LoHa(LowRankOptions):
     family = "low-rank"
     paper = "Hyeon-Woo et al. 2022 (arXiv:2108.06098), LyCORIS"
     formula = "W x + s·((W1a W1b) ⊙ (W2a W2b)) x; W1a, W1b, W2a, W2b"
-    supported_layers = (LINEAR, CONV1D, CONV2D)
-    default_targets = ATTENTION_QV  # peft copies LoRA's mapping for LoHa
-
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    use_effective_conv2d: bool = False
-
-    def validate(self) -> None:
-        super().validate()
-        check_dropouts(type(self).__name__, self.rank_dropout, self.module_dropout)
-
-    def check_layer(self, base: nn.Module, module_name: str) -> str | None:
-        return super().check_layer(base, module_name) or check_conv(self.method, base)
 
     def build(self, base: nn.Module, module_name: str) -> LoHaLayer:
         return LoHaLayer(self, base, module_name)

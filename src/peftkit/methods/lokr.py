@@ -34,16 +34,14 @@ import torch
 from torch import nn
 
 from ..core.adapter import AdapterModule
-from ..core.config import LowRankOptions, positive_int
+from ..core.config import positive_int
 from ..core.errors import ConfigError
 from ..core.layers import CONV1D, CONV2D, LINEAR, layer_kind
 from ..core.registry import register
-from ..core.targets import ATTENTION_QV
 from ..formats.codec import HFCodec
 from .lycoris import (
     LYCORIS_HF_OPTIONS,
-    check_conv,
-    check_dropouts,
+    LycorisOptions,
     conv_delta,
     lycoris_options_from_hf,
     lycoris_options_to_hf,
@@ -76,7 +74,7 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 @register
 @dataclass
-class LoKr(LowRankOptions):
+class LoKr(LycorisOptions):
     """Kronecker product ``s·C ⊗ (W2a W2b)`` with the weight shape split by :func:`factorization`, ``s = alpha/r``.
 
     ``decompose_both``: ``C`` low-rank too when ``r < max(a, c)/2``. ``decompose_factor``: the wanted
@@ -88,12 +86,6 @@ class LoKr(LowRankOptions):
     family = "low-rank"
     paper = "Edalati et al. 2022 (arXiv:2212.10650), LyCORIS"
     formula = "W x + s·(C ⊗ W2a W2b) x; C (or W1a W1b), W2a, W2b"
-    supported_layers = (LINEAR, CONV1D, CONV2D)
-    default_targets = ATTENTION_QV  # peft copies LoRA's mapping for LoKr
-
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    use_effective_conv2d: bool = False
     decompose_both: bool = False
     decompose_factor: int = -1
     rank_dropout_scale: bool = False
@@ -101,16 +93,12 @@ class LoKr(LowRankOptions):
     def validate(self) -> None:
         super().validate()
         owner = type(self).__name__
-        check_dropouts(owner, self.rank_dropout, self.module_dropout)
         if self.decompose_factor != -1:
             try:
                 positive_int(owner, "decompose_factor", self.decompose_factor)
             except ConfigError:
                 raise ConfigError(f"{owner}: decompose_factor must be -1 (near the square root) or a positive "
                                   f"integer, got {self.decompose_factor!r}") from None
-
-    def check_layer(self, base: nn.Module, module_name: str) -> str | None:
-        return super().check_layer(base, module_name) or check_conv(self.method, base)
 
     def build(self, base: nn.Module, module_name: str) -> LoKrLayer:
         return LoKrLayer(self, base, module_name)

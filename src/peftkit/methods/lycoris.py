@@ -14,15 +14,37 @@ The layers are ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (peft's set); a co
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import probability
+from ..core.config import LowRankOptions, probability
 from ..core.errors import ConfigError
-from ..core.layers import CONV1D, CONV2D, layer_kind
+from ..core.layers import CONV1D, CONV2D, LINEAR, layer_kind
+from ..core.targets import ATTENTION_QV
+
+
+@dataclass
+class LycorisOptions(LowRankOptions):
+    """Options LoHa and LoKr share: the low-rank ones, ``rank_dropout`` (rows of ``ΔW``), ``module_dropout``
+    (the whole adapter, in training) and ``use_effective_conv2d`` (the CP form of convolution kernels)."""
+
+    supported_layers = (LINEAR, CONV1D, CONV2D)
+    default_targets = ATTENTION_QV  # peft copies LoRA's mapping for LoHa and LoKr
+
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    use_effective_conv2d: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        check_dropouts(type(self).__name__, self.rank_dropout, self.module_dropout)
+
+    def check_layer(self, base: nn.Module, module_name: str) -> str | None:
+        return super().check_layer(base, module_name) or check_conv(self.method, base)
 
 
 def check_dropouts(owner: str, rank_dropout: Any, module_dropout: Any) -> None:
