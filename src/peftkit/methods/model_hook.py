@@ -20,6 +20,9 @@ from ..core.errors import PeftkitError
 class ModelHookAdapter(AdapterModule):
     """An adapter module that rewrites the model's forward call through a pre-hook."""
 
+    adapts_output = False  # the model-level hook does the work; the embedding's own output is unchanged
+    mergeable = False
+    supports_mixed_batch = False  # the sequence seen by attention changes length
     #: the method's name in error messages
     label = "this method"
 

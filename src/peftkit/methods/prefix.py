@@ -170,10 +170,7 @@ def cache_keyword(model: nn.Module) -> str | None:
 class PrefixEncoder(ModelHookAdapter):
     """The prefix ``prefix`` ``(n, L·2·d_kv)`` — or ``embedding`` ``(n, d_kv)`` + ``transform`` MLP — and the model hook."""
 
-    adapts_output = False  # the model-level hook does the work; the embedding's own output is unchanged
-    mergeable = False
     unmergeable_reason = "prefix tuning adds attention keys and values; there is no weight to fold them into"
-    supports_mixed_batch = False
     label = "prefix tuning"
 
     def __init__(self, config: PrefixTuning, base: nn.Module) -> None:

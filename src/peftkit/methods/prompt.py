@@ -232,10 +232,7 @@ def _cache_length(cache: Any) -> int:
 class PromptEmbedding(ModelHookAdapter):
     """The virtual tokens ``prompt_embeddings`` ``(num_virtual_tokens, embedding_dim)`` and the model hook."""
 
-    adapts_output = False  # the model-level hook does the work; the embedding's own output is unchanged
-    mergeable = False
     unmergeable_reason = "prompt tuning adds virtual tokens; there is no weight to fold into"
-    supports_mixed_batch = False
     label = "prompt tuning"
 
     def __init__(self, config: PromptTuning, base: nn.Module) -> None:
