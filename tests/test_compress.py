@@ -19,6 +19,7 @@ def saved(tmp_path):
     with torch.no_grad():
         for mod in peftkit.get_adapter(model, "task").values():
             mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * 0.1)
+            mod.lora_A.add_(torch.randn(mod.lora_A.shape, generator=g) * 0.01)  # trained away from A₀
     peftkit.save(model, tmp_path / "adapter")
     (tmp_path / "adapter" / "extra.safetensors").write_bytes(b"head")  # a side file travels unchanged
     return model, inputs, out, tmp_path
@@ -30,11 +31,18 @@ def test_compeft_folder_loads_transparently_and_is_smaller(saved):
     decoded = peftkit.compress(tmp / "adapter", tmp / "c", method="compeft", density=0.1)
     back = peftkit.read_adapters(tmp / "c")[0]
     assert back.config == state.config and back.targets == state.targets
+    assert isinstance(state.config.init_seed, int)  # recorded at attach
     for k, t in state.tensors.items():
-        assert torch.equal(back.tensors[k], decoded.tensors[k])
-        nz = int((back.tensors[k] != 0).sum())
-        assert nz == int(torch.ceil(torch.tensor(0.1 * t.numel()))) and back.tensors[k].dtype == t.dtype
-        assert torch.equal(back.tensors[k][back.tensors[k] != 0].sign(), t[back.tensors[k] != 0].sign())
+        assert torch.equal(back.tensors[k], decoded.tensors[k]) and back.tensors[k].dtype == t.dtype
+        module, _, tensor = k.rpartition(".")
+        start = state.config.initial_value(module, tensor, tuple(t.shape), state.layers[module])
+        start = torch.zeros_like(t) if not isinstance(start, torch.Tensor) else start
+        change, kept = t - start, back.tensors[k] - start  # the task vector and its ternary version
+        nz = int((kept.abs() > 1e-6).sum())
+        assert nz == int(torch.ceil(torch.tensor(0.1 * t.numel())))
+        mask = kept.abs() > 1e-6
+        assert torch.equal(kept[mask].sign(), change[mask].sign())
+        torch.testing.assert_close(kept[mask].abs(), change[mask].abs().mean().expand(nz), atol=1e-6, rtol=1e-5)
     assert (tmp / "c" / "extra.safetensors").read_bytes() == b"head"
     size = sum(f.stat().st_size for f in (tmp / "c").iterdir() if f.name != "extra.safetensors")
     orig = sum(f.stat().st_size for f in (tmp / "adapter").iterdir() if f.name != "extra.safetensors")
@@ -42,6 +50,38 @@ def test_compeft_folder_loads_transparently_and_is_smaller(saved):
     fresh, _, _ = tiny_llama()
     peftkit.load(fresh, tmp / "c")  # through the ordinary load path
     assert peftkit.adapter_names(fresh) == ["task"]
+
+
+def test_compeft_of_a_seeded_lora_keeps_the_random_start(saved):
+    """A₀ is regenerated from the recorded seed, so only the (small) change is approximated: the
+    decoded A is far closer to A than ComPEFT of A itself (what a seedless peft file gets)."""
+    tmp = saved[3]
+    state = peftkit.read_adapters(tmp / "adapter")[0]
+    with_seed = peftkit.compress(state, method="compeft", density=0.1)
+    seedless = state.replace(config=state.config.replace(init_seed=None))
+    with pytest.warns(UserWarning, match="no init_seed"):
+        without = peftkit.compress(seedless, method="compeft", density=0.1)
+    for k, t in state.tensors.items():
+        if k.endswith("lora_A"):
+            err_seed = (with_seed.tensors[k] - t).norm() / t.norm()
+            err_raw = (without.tensors[k] - t).norm() / t.norm()
+            assert err_seed < 0.1 < err_raw
+
+
+def test_lora_init_seed_reproduces_each_layer_and_differs_between_layers():
+    a, _, _ = tiny_llama()
+    b, _, _ = tiny_llama()
+    cfg = peftkit.LoRA(r=4, target_modules=["q_proj", "v_proj"], init_seed=7)
+    peftkit.attach(a, cfg)
+    torch.manual_seed(123)  # the global generator plays no part
+    peftkit.attach(b, cfg)
+    sa, sb = peftkit.extract(a, "default"), peftkit.extract(b, "default")
+    keys = [k for k in sa.tensors if k.endswith("lora_A")]
+    assert all(torch.equal(sa.tensors[k], sb.tensors[k]) for k in keys)
+    assert not torch.equal(sa.tensors[keys[0]], sa.tensors[keys[1]])
+    module, _, tensor = keys[0].rpartition(".")
+    again = cfg.initial_value(module, tensor, tuple(sa.tensors[keys[0]].shape), sa.layers[module])
+    assert torch.equal(again, sa.tensors[keys[0]])
 
 
 @pytest.mark.parametrize("method,tol", [("int8", 0.01), ("int4", 0.2)])

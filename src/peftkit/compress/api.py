@@ -10,14 +10,19 @@ Methods (math in :mod:`peftkit.formats.tensor_codec`):
 * ``"int8"`` / ``"int4"`` — symmetric per-row quantisation with float32 row scales.
 
 Tensors smaller than ``min_numel`` and non-floating tensors stay exact; shared tensors (frozen
-seeded bases) stay exact. The task vector of an IA3 vector is ``l − 1`` (its identity is 1); of every
-other tensor the tensor itself (LoRA: A and B are compressed, ``B A`` is never formed). From a folder,
+seeded bases) stay exact. ComPEFT's task vector is each tensor's change from the value it was built
+with, when the method's config determines that value (``AdapterConfig.initial_value``): ``l − 1``
+for an IA3 vector, ``A − A₀`` for a LoRA factor drawn from the recorded ``init_seed`` (``A₀`` is
+regenerated when decoding, never stored); otherwise the tensor itself (LoRA adapters read from
+peft files, which carry no seed, compress ``A`` as it is, a lossier approximation, with a warning).
+``B A`` is never formed. From a folder,
 the files that are not adapter files (a trained head ``extra.safetensors``, ``peftkit_task.json``) are
 copied unchanged.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +31,6 @@ from ..formats import tensor_codec as codec
 
 METHODS = ("compeft", "int8", "int4")
 SCALES = ("l2", "std")
-#: tensors whose "no change" value is not 0: {method: {tensor name: neutral value}}
-NEUTRAL = {"ia3": {"ia3_l": 1.0}}
 
 
 def check_options(method: str, density: float, scale: str, alpha: float, min_numel: int) -> None:
@@ -44,13 +47,19 @@ def check_options(method: str, density: float, scale: str, alpha: float, min_num
         raise ConfigError(f"min_numel must be a non-negative integer, got {min_numel!r}")
 
 
-def encode_tensor(key: str, t: Any, method_name: str, method: str, density: float, scale: str, alpha: float,
+def initial_value(state: Any, key: str, shape: tuple[int, ...]) -> Any:
+    """The value tensor ``key`` of ``state`` was built with, when its config gives it (else None)."""
+    module, _, tensor = key.rpartition(".")
+    return state.config.initial_value(module, tensor, tuple(shape), state.layers.get(module, {}))
+
+
+def encode_tensor(key: str, t: Any, state: Any, method: str, density: float, scale: str, alpha: float,
                   min_numel: int) -> tuple[dict[str, Any], bytes]:
     if not t.is_floating_point() or t.numel() < max(min_numel, 2):
         return codec.raw_encode(t)
     if method == "compeft":
-        offset = NEUTRAL.get(method_name, {}).get(key.rsplit(".", 1)[-1], 0.0)
-        return codec.compeft_encode(t, density, scale, alpha, offset)
+        start = initial_value(state, key, tuple(t.shape))
+        return codec.compeft_encode(t, density, scale, alpha, 0.0 if start is None else start)
     return codec.lowbit_encode(t, method)
 
 
@@ -80,7 +89,12 @@ def compress(adapter: Any, output: str | Path | None = None, method: str = "comp
     settings = {"method": method, "density": density if method == "compeft" else None,
                 "scale": scale if method == "compeft" else None, "alpha": alpha if scale == "std" else None,
                 "min_numel": min_numel}
-    records = {k: encode_tensor(k, t, state.config.method, method, density, scale, alpha, min_numel)
+    if method == "compeft" and getattr(state.config, "init_seed", 0) is None \
+            and getattr(state.config, "init", None) in ("default", "gaussian"):
+        warnings.warn(f"{state.name}: this {state.config.method} adapter records no init_seed (a file from another "
+                      "library?), so ComPEFT compresses its random factor as it is rather than its change from the "
+                      "start; expect a larger accuracy loss than for adapters trained with peftkit", stacklevel=2)
+    records = {k: encode_tensor(k, t, state, method, density, scale, alpha, min_numel)
                for k, t in state.tensors.items()}
     shared = {k: codec.raw_encode(t) for k, t in state.shared.items()}
     if out is not None:
@@ -90,5 +104,6 @@ def compress(adapter: Any, output: str | Path | None = None, method: str = "comp
                 if f.is_file() and not (native.owned(f) or hf_peft.owned(f) or compressed.owned(f)):
                     files.setdefault(f.name, f.read_bytes())
         write_folder(out, files, owned=lambda p: compressed.owned(p) or native.owned(p) or hf_peft.owned(p))
-    decoded = {k: codec.decode(*rec) for k, rec in records.items()}
+    decoded = {k: codec.decode(*rec, initial_value(state, k, tuple(t.shape)))
+               for (k, rec), t in zip(records.items(), state.tensors.values(), strict=True)}
     return state.replace(tensors=decoded, shared={k: codec.decode(*rec) for k, rec in shared.items()})

@@ -26,6 +26,7 @@ from .errors import AdapterLoadError, ConfigError
 from .layers import layer_kind
 from .model import adapter_modules, adapter_names, config_of, validate_adapter_name
 from .sharding import class_name, module_state
+from .targets import in_output_head
 
 SHARED = "shared"
 
@@ -68,6 +69,9 @@ def base_facts(model: nn.Module) -> dict[str, Any]:
         "class": class_name(model),
         "name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "parameters": sum(p.numel() for n, p in model.named_parameters() if ".adapters." not in n),
+        # the frozen body without task heads: what adapters for different tasks of one base share
+        "body_parameters": sum(p.numel() for n, p in model.named_parameters()
+                               if ".adapters." not in n and not in_output_head(n)),
     }
 
 

@@ -83,6 +83,14 @@ class AdapterConfig:
         """
         return None
 
+    def initial_value(self, module: str, tensor: str, shape: tuple[int, ...],
+                      facts: dict[str, Any]) -> torch.Tensor | float | None:
+        """The value adapter tensor ``tensor`` of layer ``module`` had when it was built, when the config
+        alone determines it (a constant such as IA3's 1, or a factor drawn from a recorded seed);
+        None when it does not. ``facts`` are the layer's facts (``kind``, weight ``shape``). Compression
+        stores a tensor's change from this value (ComPEFT's task vector). Default: None."""
+        return None
+
     def resolve(self, model: nn.Module, module_names: list[str]) -> AdapterConfig:
         """The config the adapter modules are built with, with model-dependent defaults made explicit
         (IA3's feed-forward modules). Called after every check; the default is ``self``."""

@@ -25,6 +25,7 @@ from torch import nn
 from .errors import ConfigError, TargetError, closest
 from .layers import is_linear_like
 from .patterns import compile_pattern, fullmatch
+from .targets import OUTPUT_HEADS
 
 ALL_LINEAR = "all-linear"
 _GLOB_CHARS = set("*?[")
@@ -74,7 +75,7 @@ def output_head_names(model: nn.Module) -> set[str]:
                 if m is head:
                     heads.add(n)
     for n, _ in model.named_modules():
-        if n.split(".")[-1] in ("lm_head", "classifier", "score", "head", "cls", "qa_outputs"):
+        if n.split(".")[-1] in OUTPUT_HEADS:
             heads.add(n)
     if not heads:  # a plain network: its last linear layer is the head
         last = [n for n, m in model.named_modules() if is_linear_like(m)]

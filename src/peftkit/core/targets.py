@@ -141,3 +141,11 @@ def table(name: str) -> dict[str, Any]:
     tables = {"attention_qv": ATTENTION_QV, "ia3": IA3_TARGETS, "norms": NORMS, "all_linear": ALL_LINEAR,
               "input_embedding": INPUT_EMBEDDING}
     return tables[name]
+
+#: names of output-head modules (a task head trained in full or left alone, never the frozen body)
+OUTPUT_HEADS = ("lm_head", "classifier", "score", "qa_outputs", "head", "cls")
+
+
+def in_output_head(path: str) -> bool:
+    """Whether the module or parameter ``path`` lies in an output head (any component named as one)."""
+    return any(part in OUTPUT_HEADS for part in path.split("."))

@@ -101,11 +101,19 @@ def read(reader: FolderReader, name: str | None = None) -> AdapterState:
             end = rec["offset"] + rec["length"]
             if end > len(body):
                 raise ValueError(f"tensor {key} runs past the end of the data")
-            t = decode(rec, bytes(body[rec["offset"]: end]))
+            initial = None
+            if rec.get("neutral") == "initial" and not key.startswith(SHARED_PREFIX):
+                module, _, tensor = key.rpartition(".")
+                layer = meta["layers"].get(module, {}) if isinstance(meta.get("layers"), dict) else {}
+                start = config.initial_value(module, tensor, tuple(rec["shape"]), layer if isinstance(layer, dict) else {})
+                initial = start if isinstance(start, torch.Tensor) else None
+            t = decode(rec, bytes(body[rec["offset"]: end]), initial)
             if key.startswith(SHARED_PREFIX):
                 shared[key[len(SHARED_PREFIX):]] = t
             else:
                 tensors[key] = t
+    except AdapterLoadError as e:
+        raise AdapterLoadError(f"{data_path}: {e}") from None
     except (lzma.LZMAError, struct.error, ValueError, KeyError, TypeError) as e:
         raise AdapterLoadError(f"{data_path}: corrupt compressed adapter ({e})") from None
     saved = meta.get("name")

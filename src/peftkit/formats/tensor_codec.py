@@ -1,7 +1,9 @@
 """Tensor encodings for compressed adapters: ComPEFT (sparse ternary) and low-bit (int8 / int4) factors.
 
-**ComPEFT** (Yadav et al. 2023, arXiv:2311.13171). A task vector ``τ`` (for LoRA-like methods the
-factors themselves; for IA3 ``l − 1``) is replaced by
+**ComPEFT** (Yadav et al. 2023, arXiv:2311.13171). A task vector ``τ = θ − θ₀`` (the change of each
+tensor from its value when the adapter was built: for IA3 ``l − 1``; for a LoRA factor drawn from a
+recorded seed ``A − A₀``, with ``A₀`` regenerated from the config when decoding; otherwise ``θ`` itself) is
+replaced by
 
     τ̂ = c · m ⊙ sign(τ),     m = top-k mask of |τ| (k = ⌈density · numel⌉),
 
@@ -81,9 +83,13 @@ def raw_encode(t: torch.Tensor) -> tuple[dict[str, Any], bytes]:
 
 
 def compeft_encode(t: torch.Tensor, density: float, scale: str = "l2", alpha: float = 1.0,
-                   offset: float = 0.0) -> tuple[dict[str, Any], bytes]:
-    """ComPEFT of ``t − offset``: top-k positions, signs and one scale (see the module docstring)."""
-    x = (t.detach().cpu().float() - offset).reshape(-1)
+                   offset: float | torch.Tensor = 0.0) -> tuple[dict[str, Any], bytes]:
+    """ComPEFT of ``t − offset``: top-k positions, signs and one scale (see the module docstring).
+
+    A tensor ``offset`` (the tensor's initial value) is not stored: the record says ``"neutral":
+    "initial"`` and :func:`decode` must be given the same tensor back."""
+    base = offset.detach().cpu().float() if isinstance(offset, torch.Tensor) else offset
+    x = (t.detach().cpu().float() - base).reshape(-1)
     n = x.numel()
     k = max(1, min(n, math.ceil(density * n)))
     idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values
@@ -93,7 +99,8 @@ def compeft_encode(t: torch.Tensor, density: float, scale: str = "l2", alpha: fl
     positions = varint_encode(gaps)
     signs = np.packbits((kept < 0).numpy().astype(np.uint8)).tobytes()
     record = {"encoding": "compeft", "shape": list(t.shape), "dtype": _dtype_name(t.dtype), "k": k,
-              "scale": c, "neutral": offset, "index_bytes": len(positions)}
+              "scale": c, "neutral": "initial" if isinstance(offset, torch.Tensor) else offset,
+              "index_bytes": len(positions)}
     return record, positions + signs
 
 
@@ -116,8 +123,9 @@ def lowbit_encode(t: torch.Tensor, bits: str) -> tuple[dict[str, Any], bytes]:
     return record, s.numpy().astype(np.float32).tobytes() + q_bytes
 
 
-def decode(record: dict[str, Any], data: bytes) -> torch.Tensor:
-    """The tensor a record and its payload stand for."""
+def decode(record: dict[str, Any], data: bytes, initial: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensor a record and its payload stand for (``initial``: the starting value a ComPEFT record
+    with ``"neutral": "initial"`` was encoded against)."""
     enc = record.get("encoding")
     shape = [int(d) for d in record["shape"]]
     dtype = _dtype(record["dtype"])
@@ -133,7 +141,16 @@ def decode(record: dict[str, Any], data: bytes) -> torch.Tensor:
         neg = np.unpackbits(np.frombuffer(data[nb:], dtype=np.uint8))[:k].astype(bool)
         vals = torch.full((k,), float(record["scale"]))
         vals[torch.from_numpy(neg)] *= -1
-        out = torch.full((n,), float(record.get("neutral", 0.0)))
+        neutral = record.get("neutral", 0.0)
+        if neutral == "initial":
+            if initial is None or list(initial.shape) != shape:
+                raise AdapterLoadError("compressed adapter: a tensor was encoded against its initial value, "
+                                       "which the adapter's config does not give back")
+            out = initial.detach().cpu().float().reshape(-1).clone()
+        else:
+            out = torch.full((n,), float(neutral))
+        if idx.numel() and int(idx[-1]) >= n:
+            raise AdapterLoadError(f"compressed adapter: a kept position ({int(idx[-1])}) is outside the tensor ({n})")
         out[idx] += vals
         return out.reshape(shape).to(dtype)
     if enc in LOWBIT_QMAX:

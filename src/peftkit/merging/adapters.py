@@ -56,7 +56,7 @@ def check_states(states: Sequence[Any]) -> None:
         if s.config.method != method:
             raise ConfigError(f"adapter {s.name!r} is a {s.config.method!r} adapter but {ref.name!r} is {method!r}: "
                               "only adapters of one method can be merged")
-        for key in ("class", "parameters", "name_or_path"):
+        for key in ("class", "body_parameters", "name_or_path"):  # task heads may differ
             a, b = (ref.base or {}).get(key), (s.base or {}).get(key)
             if a is not None and b is not None and a != b:
                 raise ConfigError(f"adapter {s.name!r} was trained on a different base model ({key} {b!r}) than "

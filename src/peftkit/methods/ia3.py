@@ -103,6 +103,9 @@ class IA3(AdapterConfig):
                         "every feed-forward module must also be targeted")
         return None
 
+    def initial_value(self, module: str, tensor: str, shape: tuple[int, ...], facts: dict[str, Any]) -> float | None:
+        return 1.0 if tensor == "ia3_l" else None  # l starts at 1: the identity
+
     def resolve(self, model: nn.Module, module_names: list[str]) -> IA3:
         """With ``feedforward_modules=None``: the model type's default, kept to the patterns that apply here."""
         if self.feedforward_modules is not None:

@@ -20,6 +20,12 @@ Initialisations (``init``):
 * ``"milora"`` — MiLoRA (Wang et al., 2024, arXiv:2406.09044): the same with the r *minor*
   singular triplets.
 
+The random starting factor (A; B for embeddings) is drawn from a per-layer generator seeded with
+``init_seed`` and the layer's name (:func:`peftkit.core.seeds.module_generator`). Left at None, the
+seed is drawn from torch's global generator when the adapter is attached and recorded in the
+config, so every saved adapter can regenerate its starting point: ComPEFT compresses the change
+``A − A₀`` rather than ``A`` (:meth:`LoRA.initial_value`).
+
 The PiSSA/MiLoRA starting factors are kept as buffers (``init_A``, ``init_B``) so that
 unloading without merging restores the original ``W`` and saved files work on the original
 base. :func:`lora_plus_param_groups` builds LoRA+ (Hayou et al., 2024, arXiv:2402.12354)
@@ -53,6 +59,7 @@ from ..core.layers import (
     layer_kind,
 )
 from ..core.registry import register
+from ..core.seeds import fresh_seed, module_generator
 from ..core.targets import ATTENTION_QV
 from ..formats.codec import HFCodec
 from .lora_fused import FusedLoRALinear, QuantLoRALinear
@@ -65,6 +72,20 @@ except Exception:  # pragma: no cover - transformers is optional
     _HF_CONV1D_FORWARD = None
 
 INITS = ("default", "gaussian", "pissa", "milora")
+RANDOM_INITS = ("default", "gaussian")
+
+
+@torch.no_grad()
+def random_factor_(t: torch.Tensor, init: str, r: int, embedding: bool, seed: int | None, module: str) -> None:
+    """Fill LoRA's random starting factor in place: A (B for an embedding), from ``(seed, module)`` or,
+    with ``seed=None``, from torch's global generator."""
+    g = module_generator(seed, module) if seed is not None else None
+    if embedding:
+        nn.init.normal_(t, generator=g)
+    elif init == "gaussian":
+        nn.init.normal_(t, std=1.0 / r, generator=g)
+    else:
+        nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g)
 
 
 @register
@@ -86,6 +107,26 @@ class LoRA(LowRankOptions):
 
     dropout: float = 0.0
     init: str = "default"
+    init_seed: int | None = None
+
+    def resolve(self, model: nn.Module, module_names: list[str]) -> LoRA:
+        if self.init_seed is None and self.init in RANDOM_INITS:
+            return self.replace(init_seed=fresh_seed())
+        return self
+
+    def initial_value(self, module: str, tensor: str, shape: tuple[int, ...],
+                      facts: dict[str, Any]) -> torch.Tensor | float | None:
+        """``A₀`` (``B₀`` for embeddings) regenerated from ``init_seed``; 0 for the zero-initialised factor."""
+        if self.init not in RANDOM_INITS or tensor not in ("lora_A", "lora_B"):
+            return None
+        embedding = facts.get("kind") == EMBEDDING
+        if (tensor == "lora_B") != embedding:
+            return 0.0
+        if self.init_seed is None:
+            return None
+        t = torch.empty(shape)
+        random_factor_(t, self.init, self.rank_for(module), embedding, self.init_seed, module)
+        return t
 
     def validate(self) -> None:
         super().validate()
@@ -147,21 +188,18 @@ class LoRALayer(AdapterModule):
         else:
             self.lora_A = nn.Parameter(torch.empty(r, info.in_features))
             self.lora_B = nn.Parameter(torch.zeros(info.out_features, r))
-        self._init(config, base)
+        self._init(config, base, module_name)
 
     @torch.no_grad()
-    def _init(self, config: LoRA, base: nn.Module) -> None:
+    def _init(self, config: LoRA, base: nn.Module, module_name: str) -> None:
         init = str(config.init)
-        if self.kind == EMBEDDING:
-            nn.init.zeros_(self.lora_A)
-            nn.init.normal_(self.lora_B)
-            return
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
-        elif init.startswith(("pissa", "milora")):
+        if init.startswith(("pissa", "milora")) and self.kind != EMBEDDING:
             self._svd_init(init, base)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            return
+        embedding = self.kind == EMBEDDING
+        if embedding:
+            nn.init.zeros_(self.lora_A)
+        random_factor_(self.lora_B if embedding else self.lora_A, init, self.r, embedding, config.init_seed, module_name)
 
     @torch.no_grad()
     def _svd_init(self, init: str, base: nn.Module) -> None:

@@ -45,13 +45,13 @@ from ..core.errors import ConfigError
 from ..core.layers import HF_CONV1D, LINEAR, layer_kind
 from ..core.registry import register
 from ..core.targeting import as_list
-from ..core.targets import NORMS
+from ..core.targets import NORMS, OUTPUT_HEADS
 from ..formats.codec import HFCodec
 
 ALL_BIAS_NAME = "all-bias"
 ALL_NORM_NAME = "all-norm"
 #: the output heads BitFit leaves alone by default (and their submodules)
-HEAD_PATTERN = r"re:(.*\.)?(lm_head|classifier|score|qa_outputs|head|cls)(\..*)?"
+HEAD_PATTERN = rf"re:(.*\.)?({'|'.join(OUTPUT_HEADS)})(\..*)?"
 
 
 class _Selector(type):
