@@ -49,12 +49,15 @@ from .methods.lokr import LoKr
 from .methods.lora import LoRA, lora_plus_param_groups
 from .methods.nola import NOLA
 from .methods.oft import OFT
+from .methods.paca import PaCA
 from .methods.parallel_adapter import MAM
 from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
 from .methods.selection import BitFit, LayerNormTuning
+from .methods.sorsa import SORSA
 from .methods.sparse import SparseFT, fish_scores
 from .methods.ssf import SSF
+from .methods.svfit import SVFit
 from .methods.vera import VeRA
 
 __all__ = [
@@ -64,6 +67,7 @@ __all__ = [
     "METHODS",
     "NOLA",
     "OFT",
+    "SORSA",
     "SSF",
     "AdaLoRA",
     "AdapterConfig",
@@ -83,9 +87,11 @@ __all__ = [
     "LoRA",
     "LowRankOptions",
     "NotMergeableError",
+    "PaCA",
     "PeftkitError",
     "PrefixTuning",
     "PromptTuning",
+    "SVFit",
     "SparseFT",
     "StepInfo",
     "TargetError",
