@@ -39,6 +39,7 @@ from .merging import extract_lora, learn_coefficients, merge_adapters, merge_che
 from .methods.adalora import AdaLoRA
 from .methods.boft import BOFT
 from .methods.bottleneck import Bottleneck
+from .methods.corda import CorDA, corda_calibrate
 from .methods.dora import DoRA
 from .methods.dylora import DyLoRA
 from .methods.ia3 import IA3
@@ -77,6 +78,7 @@ __all__ = [
     "BitFit",
     "Bottleneck",
     "ConfigError",
+    "CorDA",
     "DoRA",
     "DyLoRA",
     "IncreLoRA",
@@ -105,6 +107,7 @@ __all__ = [
     "attach",
     "before_step",
     "compress",
+    "corda_calibrate",
     "delete",
     "disabled",
     "extract",
