@@ -354,7 +354,9 @@ HF_READ_NAMES = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B",
 #: peft LoraConfig keys that LoRA and DoRA read (the others must be switched off; see HFCodec.unsupported)
 HF_OPTIONS = frozenset({"r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern",
                         "alpha_pattern", "bias", "use_dora", "fan_in_fan_out", "layers_to_transform", "layers_pattern",
-                        "qalora_group_size", "megatron_core", "megatron_config"})
+                        "qalora_group_size", "megatron_core", "megatron_config",
+                        # only read with init_lora_weights="corda" (refused below); a converted CorDA file keeps it
+                        "corda_config"})
 
 _UNSUPPORTED_HF = {"lora_bias": False, "use_qalora": False, "modules_to_save": None}
 
@@ -371,6 +373,10 @@ def lora_options_from_hf(d: dict[str, Any], owner: str) -> dict[str, Any]:
         init = "default"
     elif isinstance(init, str) and init.startswith(("pissa", "milora", "gaussian")):
         init = init
+    elif isinstance(init, str) and init.startswith(("corda", "olora")):
+        raise ConfigError(f"peft init_lora_weights={init!r}: this file holds factors relative to a rewritten base; "
+                          "save it from peft with path_initial_model_for_weight_conversion=... to get a plain LoRA "
+                          "file on the original base, which peftkit loads")
     else:
         raise ConfigError(f"peft init_lora_weights={init!r} is not supported by peftkit's {owner}")
     return {
