@@ -152,3 +152,25 @@ def test_bad_inputs_name_the_culprit():
     assert not peftkit.adapter_names(model)
     with pytest.raises(peftkit.ConfigError, match="no calibration input reached"):
         corda_calibrate(model, [], target_modules=["q_proj"])
+
+
+def test_calibrate_uses_the_configs_targets_and_sample_count():
+    model, inputs, _ = MODELS["llama"](0)
+    batches = _batches(inputs)
+    cfg = CorDA(r=2, calibration_samples=2, target_modules=["v_proj"]).calibrate(model, iter(batches))
+    expected = corda_calibrate(model, batches[:2], target_modules=["v_proj"])
+    assert set(cfg.covariances) == set(expected) == {"model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"}
+    assert all(torch.equal(cfg.covariances[k], expected[k]) for k in expected)
+
+
+def test_cli_trains_corda_calibrated_on_the_training_data(llama_dir, lm_data, tmp_path):
+    from peftkit.cli.main import main
+
+    train, _ = lm_data
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(llama_dir), "--task", "causal-lm", "--method", "corda", "--r", "2",
+                 "--mode", "kpm", "--calibration-samples", "4", "--data", str(train), "--output", str(out),
+                 "--max-steps", "1", "--batch-size", "4"]) == 0
+    state = peftkit.read_adapters(out / "adapter")[0]
+    assert state.method == "corda" and state.config.mode == "kpm"
+    assert any(k.endswith("init_A") for k in state.tensors)  # the starting factors travel with the adapter

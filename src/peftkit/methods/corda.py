@@ -33,6 +33,8 @@ relative to the original base (``[B, −B₀][A; A₀]``, as peft writes CorDA w
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.config import LowRankOptions, finite_number, one_of, probability
+from ..core.config import LowRankOptions, finite_number, one_of, positive_int, probability
 from ..core.errors import ConfigError, did_you_mean
 from ..core.layers import HF_CONV1D, LINEAR, is_quantized, layer_info
 from ..core.registry import register
@@ -59,6 +61,7 @@ class CorDA(LowRankOptions):
 
     ``covariances``: ``{module name: C (in×in)}`` from :func:`corda_calibrate` (not saved: a loaded
     adapter takes its starting factors from the file). ``damping``: the first damping factor of ``C``.
+    ``calibration_samples``: how many examples :meth:`calibrate` (and ``peftkit train``) runs.
     """
 
     method = "corda"
@@ -71,6 +74,7 @@ class CorDA(LowRankOptions):
     dropout: float = 0.0
     mode: str = "ipm"
     damping: float = 0.01
+    calibration_samples: int = 32
     covariances: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -85,12 +89,26 @@ class CorDA(LowRankOptions):
         finite_number(owner, "damping", self.damping)
         if self.damping <= 0:
             raise ConfigError(f"{owner}: damping must be > 0, got {self.damping!r}")
-        if self.covariances is None and not self._factors_from_file:
-            raise ConfigError(f"{owner}: covariances are needed; compute them with "
-                              "peftkit.corda_calibrate(model, batches, target_modules=...) and pass covariances=...")
+        positive_int(owner, "calibration_samples", self.calibration_samples)
         if self.covariances is not None and not isinstance(self.covariances, dict):
             raise ConfigError(f"{owner}: covariances must be a dict {{module name: tensor}}, "
                               f"got {type(self.covariances).__name__}")
+
+    def check_model(self, model: nn.Module, module_names: list[str]) -> str | None:
+        if self.covariances is None and not self._factors_from_file:
+            return ("covariances are needed; compute them with peftkit.corda_calibrate(model, batches, "
+                    "target_modules=...) and pass CorDA(covariances=...), or use config.calibrate(model, batches)")
+        return None
+
+    def calibrate(self, model: nn.Module, batches: Iterable[Any]) -> CorDA:
+        """A copy with the covariances of this config's targets over the first ``calibration_samples`` of ``batches``
+        (how ``peftkit train --method corda`` calibrates on the training data, one example per batch)."""
+        from ..core.api import module_targets
+
+        names = module_targets(model, self)
+        cov = corda_calibrate(model, itertools.islice(batches, self.calibration_samples), target_modules=names)
+        out = dataclasses.replace(self, covariances=cov)
+        return out
 
     def check_layer(self, base: nn.Module, module_name: str) -> str | None:
         reason = super().check_layer(base, module_name)
