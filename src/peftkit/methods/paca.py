@@ -155,6 +155,8 @@ class PaCALayer(AdapterModule):
         base = site.base
         if type(base) is not nn.Linear or x.dtype != base.weight.dtype or x.device != base.weight.device:
             return None
+        if type(base.weight.data) is not torch.Tensor:  # a sharded or subclassed weight: no in-place column swap
+            return None
         return PartialLinear.apply(x, base.weight, base.bias, self.paca_P, self.indices)
 
     # -- merging: the columns are replaced, not added to ------------------------------------
