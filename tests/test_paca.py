@@ -60,11 +60,25 @@ def test_only_the_chosen_columns_change_after_a_step():
         assert not torch.equal(w[:, idx], before[path][:, idx]), path
 
 
+def _conv1d(seed=0, d_in=24, d_out=16):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(seed)
+    layer = Conv1D(d_out, d_in)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    return nn.Sequential(layer)
+
+
+@pytest.mark.parametrize("layer", ["linear", "hf_conv1d"])
 @pytest.mark.parametrize("path", ["fused", "general"])
-def test_gradients_equal_a_dense_reference(path):
-    model = _linear()
+def test_gradients_equal_a_dense_reference(path, layer):
+    model = _linear() if layer == "linear" else _conv1d()
     lin = model[0]
     w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    if layer == "hf_conv1d":
+        w0 = w0.t().contiguous()  # the (out, in) matrix view
     peftkit.attach(model, PaCA(r=5, target_modules=["0"]))
     if path == "general":  # a second adapter (zero update) stacked on it forces the functional-weight path
         peftkit.attach(model, peftkit.LoRA(r=2, target_modules=["0"]), name="other")
@@ -86,9 +100,10 @@ def test_gradients_equal_a_dense_reference(path):
     assert torch.allclose(x.grad, xr.grad, atol=1e-5)
 
 
-def test_forward_is_one_matmul_and_lora_is_three():
+@pytest.mark.parametrize("layer", ["linear", "hf_conv1d"])
+def test_forward_is_one_matmul_and_lora_is_three(layer):
     x = torch.randn(4, 24)
-    model = peftkit.attach(_linear(), PaCA(r=4, target_modules=["0"]))
+    model = peftkit.attach(_linear() if layer == "linear" else _conv1d(), PaCA(r=4, target_modules=["0"]))
     for grad in (False, True):
         with torch.set_grad_enabled(grad), CountMatmuls() as c:
             model(x)
@@ -115,10 +130,12 @@ def _saved_activation_bytes(model, x) -> int:
     return sum(seen.values())
 
 
-def test_saved_bytes_are_r_over_d_in_of_loras_input():
+@pytest.mark.parametrize("layer", ["linear", "hf_conv1d"])
+def test_saved_bytes_are_r_over_d_in_of_loras_input(layer):
     d_in, r, tokens = 48, 6, 2 * 10
     x = torch.randn(2, 10, d_in)
-    paca = peftkit.attach(_linear(d_in=d_in), PaCA(r=r, target_modules=["0"]))
+    base = _linear(d_in=d_in) if layer == "linear" else _conv1d(d_in=d_in)
+    paca = peftkit.attach(base, PaCA(r=r, target_modules=["0"]))
     lora = peftkit.attach(_linear(d_in=d_in), peftkit.LoRA(r=r, target_modules=["0"]))
     b_paca, b_lora = _saved_activation_bytes(paca, x), _saved_activation_bytes(lora, x)
     assert b_paca == tokens * r * 4                 # x[..., idx] only
@@ -147,7 +164,7 @@ def test_bad_inputs_name_the_culprit(tmp_path):
     with pytest.raises(peftkit.TargetError, match="down_proj: r=70 columns but the layer has only 64"):
         peftkit.attach(model, PaCA(r=70, target_modules=["layers.0.mlp.down_proj"]))
     cnn, _, _ = MODELS["cnn"](0)
-    with pytest.raises(peftkit.TargetError, match="conv1: paca does not support Conv2d layers \\(supported: linear\\)"):
+    with pytest.raises(peftkit.TargetError, match=r"conv1: paca does not support Conv2d layers \(supported: linear, hf_conv1d"):
         peftkit.attach(cnn, PaCA(r=2, target_modules=["conv1"]))
     with pytest.raises(peftkit.ConfigError, match="r must be a positive integer"):
         peftkit.attach(model, PaCA(r=0))

@@ -1,6 +1,7 @@
 """PaCA: partial connection adaptation (Woo et al., ICLR 2025, openreview.net/forum?id=iYkhxre0In).
 
-For a frozen linear layer ``y = W x + b`` (``W ∈ R^{out×in}``) PaCA picks ``r`` input columns
+For a frozen linear layer ``y = W x + b`` (``W ∈ R^{out×in}``; transformers' ``Conv1D`` through its
+transposed storage) PaCA picks ``r`` input columns
 ``idx`` at random and trains them in place: ``P = W[:, idx] ∈ R^{out×r}`` is the only trainable
 tensor, and the layer computes
 
@@ -13,7 +14,7 @@ as **one** matrix product — there is no adapter branch. The backward pass need
 so the custom autograd node (:class:`PartialLinear`) keeps only the ``r`` chosen input features
 ``x[..., idx]`` for the weight gradient, ``r/in`` of the input that LoRA keeps for ``∂A``.
 
-The fast path (this adapter alone on a plain ``nn.Linear``) writes ``P`` into the columns of
+The fast path (this adapter alone on a plain ``nn.Linear`` or ``Conv1D``) writes ``P`` into the columns of
 the base weight for the duration of the product and puts the original columns back right
 after, through ``.data`` (no autograd version change), so the product is the layer's own single
 GEMM. That makes the call not re-entrant: do not run the same PaCA layer from two threads at
@@ -39,9 +40,10 @@ from torch import nn
 from ..core.adapter import AdapterModule
 from ..core.config import AdapterConfig, pattern_value, positive_int
 from ..core.errors import AdapterLoadError, ConfigError
-from ..core.layers import LINEAR
+from ..core.layers import HF_CONV1D, LINEAR, layer_info, layer_kind
 from ..core.registry import register
 from ..core.targets import ALL_LINEAR
+from .lora import _HF_CONV1D_FORWARD
 
 
 @register
@@ -56,7 +58,7 @@ class PaCA(AdapterConfig):
     family = "selective"
     paper = "Woo et al. ICLR 2025 (openreview iYkhxre0In)"
     formula = "W[:, idx ← P] x (one GEMM); P = r columns"
-    supported_layers = (LINEAR,)
+    supported_layers = (LINEAR, HF_CONV1D)
     default_targets = ALL_LINEAR
 
     r: int = 8
@@ -78,9 +80,9 @@ class PaCA(AdapterConfig):
         reason = super().check_layer(base, module_name)
         if reason:
             return reason
-        r = self.rank_for(module_name)
-        if r > base.in_features:
-            return f"r={r} columns but the layer has only {base.in_features} input features (use r <= {base.in_features})"
+        r, d_in = self.rank_for(module_name), layer_info(base).in_features
+        if r > d_in:
+            return f"r={r} columns but the layer has only {d_in} input features (use r <= {d_in})"
         return None
 
     def build(self, base: nn.Module, module_name: str) -> PaCALayer:
@@ -98,17 +100,25 @@ class PartialLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: torch.Tensor,
-                idx: torch.Tensor) -> torch.Tensor:
+                idx: torch.Tensor, transposed: bool) -> torch.Tensor:
+        # ``weight`` is (out, in), or (in, out) when ``transposed`` (transformers' Conv1D): columns of W are its rows
         w = weight.data
-        original = w.index_select(1, idx)
-        w.index_copy_(1, idx, p.detach().to(w.dtype))
+        axis = 0 if transposed else 1
+        original = w.index_select(axis, idx)
+        w.index_copy_(axis, idx, (p.t() if transposed else p).detach().to(w.dtype))
         try:
-            y = F.linear(x, weight, bias)
+            if transposed:
+                x2 = x.reshape(-1, x.shape[-1])
+                y = (torch.addmm(bias, x2, weight) if bias is not None else torch.mm(x2, weight))
+                y = y.view(*x.shape[:-1], y.shape[-1])
+            else:
+                y = F.linear(x, weight, bias)
         finally:
-            w.index_copy_(1, idx, original)
+            w.index_copy_(axis, idx, original)
         x_idx = x.index_select(-1, idx) if ctx.needs_input_grad[3] else None
         ctx.save_for_backward(x_idx, weight, p, idx)
         ctx.bias_grad = bias is not None and ctx.needs_input_grad[2]
+        ctx.transposed = transposed
         return y
 
     @staticmethod
@@ -117,14 +127,14 @@ class PartialLinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         dx = dp = dbias = None
         if ctx.needs_input_grad[0]:
-            dx = torch.mm(g, weight)
+            dx = torch.mm(g, weight.t() if ctx.transposed else weight)
             dx.index_copy_(1, idx, torch.mm(g, p.to(g.dtype)))
             dx = dx.view(*grad.shape[:-1], dx.shape[-1])
         if ctx.needs_input_grad[3]:
             dp = torch.mm(g.t(), x_idx.reshape(-1, x_idx.shape[-1])).to(p.dtype)
         if ctx.bias_grad:
             dbias = g.sum(0)
-        return dx, None, dbias, dp, None
+        return dx, None, dbias, dp, None, None
 
 
 class PaCALayer(AdapterModule):
@@ -137,14 +147,21 @@ class PaCALayer(AdapterModule):
     def __init__(self, config: PaCA, base: nn.Module, module_name: str) -> None:
         super().__init__(config, base)
         self.r = config.rank_for(module_name)
-        self.in_features = base.in_features
-        idx = choose_columns(base.in_features, self.r, config.seed, module_name).to(base.weight.device)
+        self.in_features = layer_info(base).in_features
+        #: the input axis of the stored weight: 1 for nn.Linear (out, in), 0 for transformers' Conv1D (in, out)
+        self.axis = 0 if layer_kind(base) == HF_CONV1D else 1
+        idx = choose_columns(self.in_features, self.r, config.seed, module_name).to(base.weight.device)
         self.register_buffer("indices", idx)
-        self.paca_P = nn.Parameter(base.weight.detach().index_select(1, idx).float().clone())
+        self.paca_P = nn.Parameter(self.matrix(base).detach().index_select(1, idx).float().clone())
+
+    def stored_columns(self, dtype: torch.dtype) -> torch.Tensor:
+        """``P`` laid out like the chosen slice of the stored weight (``Pᵀ`` for Conv1D)."""
+        p = self.paca_P.to(dtype)
+        return p if self.axis == 1 else p.t()
 
     def partial_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` with the chosen columns replaced by ``P`` (a new tensor, differentiable in ``P``)."""
-        return weight.index_copy(1, self.indices, self.paca_P.to(weight.dtype))
+        return weight.index_copy(self.axis, self.indices, self.stored_columns(weight.dtype))
 
     def override_params(self, params: dict[str, torch.Tensor], site: Any) -> dict[str, torch.Tensor]:
         weight = params.get("weight", site.base.weight)
@@ -153,22 +170,23 @@ class PaCALayer(AdapterModule):
     def fused_forward(self, x: torch.Tensor, site: Any) -> torch.Tensor | None:
         """The single-GEMM path on a plain ``nn.Linear`` whose weight has the input's dtype; None otherwise."""
         base = site.base
-        if type(base) is not nn.Linear or x.dtype != base.weight.dtype or x.device != base.weight.device:
+        plain = type(base) is nn.Linear or (self.axis == 0 and type(base).forward is _HF_CONV1D_FORWARD)
+        if not plain or x.dtype != base.weight.dtype or x.device != base.weight.device:
             return None
         if type(base.weight.data) is not torch.Tensor:  # a sharded or subclassed weight: no in-place column swap
             return None
-        return PartialLinear.apply(x, base.weight, base.bias, self.paca_P, self.indices)
+        return PartialLinear.apply(x, base.weight, base.bias, self.paca_P, self.indices, self.axis == 0)
 
     # -- merging: the columns are replaced, not added to ------------------------------------
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         w = base.weight
         delta = torch.zeros_like(w)
-        cols = self.paca_P.to(w.dtype) - w.index_select(1, self.indices)
-        return delta.index_copy_(1, self.indices, cols)
+        cols = self.stored_columns(w.dtype) - w.index_select(self.axis, self.indices)
+        return delta.index_copy_(self.axis, self.indices, cols)
 
     @torch.no_grad()
     def merge_into(self, base: nn.Module) -> None:
-        base.weight.data.index_copy_(1, self.indices, self.paca_P.to(base.weight.dtype))
+        base.weight.data.index_copy_(self.axis, self.indices, self.stored_columns(base.weight.dtype))
 
     @torch.no_grad()
     def unmerge_from(self, base: nn.Module) -> None:
