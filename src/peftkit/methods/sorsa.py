@@ -11,9 +11,9 @@ triplets ``(U₀, σ₀, V₀ᵀ)``. The training loss adds the orthonormality r
     γ · Σ_layers ( ‖U_pᵀU_p − I‖²_F + ‖V_pᵀV_p − I‖²_F )
 
 (:meth:`SORSA.regularization_loss`, called by ``peftkit.regularization_loss(model)`` and by
-peftkit's training loops), which is 0 at init since singular vectors are orthonormal. The paper
-applies the regulariser's gradient with its own step size; here it is a loss term summed over the
-layers, and the default ``gamma = 1e-3`` is our choice, not a value from the paper: tune it.
+peftkit's training loops), which is 0 at init since singular vectors are orthonormal. Here it is
+simply a loss term summed over the layers (the catalog's form; check the paper if you need its exact
+update rule), and the default ``gamma = 1e-3`` is our choice, not a value from the paper: tune it.
 
 peftkit keeps ``W₀`` in the layer and adds the difference, so the base is never rewritten
 (``disabled()``, mixed batches and stacked adapters see the true base):
