@@ -39,6 +39,7 @@ from .merging import extract_lora, learn_coefficients, merge_adapters, merge_che
 from .methods.adalora import AdaLoRA
 from .methods.boft import BOFT
 from .methods.bottleneck import Bottleneck
+from .methods.corda import CorDA, corda_calibrate
 from .methods.dora import DoRA
 from .methods.dylora import DyLoRA
 from .methods.ia3 import IA3
@@ -49,12 +50,15 @@ from .methods.lokr import LoKr
 from .methods.lora import LoRA, lora_plus_param_groups
 from .methods.nola import NOLA
 from .methods.oft import OFT
+from .methods.paca import PaCA
 from .methods.parallel_adapter import MAM
 from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
 from .methods.selection import BitFit, LayerNormTuning
+from .methods.sorsa import SORSA
 from .methods.sparse import SparseFT, fish_scores
 from .methods.ssf import SSF
+from .methods.svfit import SVFit
 from .methods.vera import VeRA
 
 __all__ = [
@@ -64,6 +68,7 @@ __all__ = [
     "METHODS",
     "NOLA",
     "OFT",
+    "SORSA",
     "SSF",
     "AdaLoRA",
     "AdapterConfig",
@@ -73,6 +78,7 @@ __all__ = [
     "BitFit",
     "Bottleneck",
     "ConfigError",
+    "CorDA",
     "DoRA",
     "DyLoRA",
     "IncreLoRA",
@@ -83,9 +89,11 @@ __all__ = [
     "LoRA",
     "LowRankOptions",
     "NotMergeableError",
+    "PaCA",
     "PeftkitError",
     "PrefixTuning",
     "PromptTuning",
+    "SVFit",
     "SparseFT",
     "StepInfo",
     "TargetError",
@@ -99,6 +107,7 @@ __all__ = [
     "attach",
     "before_step",
     "compress",
+    "corda_calibrate",
     "delete",
     "disabled",
     "extract",

@@ -178,6 +178,10 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
 
         quantize(model, s["quantize"])
     if config is not None:
+        if callable(getattr(config, "calibrate", None)) and getattr(config, "covariances", True) is None:
+            from ..data.batching import collate  # CorDA: covariances from training examples, one per batch
+
+            config = config.calibrate(model, (collate([e], tok.pad_token_id or 0) for e in ex))
         attach(model, config)
         print(summary(model))
         extra_modules = [tasks.head_name(model)] if task == "classification" else []

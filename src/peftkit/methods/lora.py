@@ -63,6 +63,7 @@ from ..core.seeds import fresh_seed, module_generator
 from ..core.targets import ATTENTION_QV
 from ..formats.codec import HFCodec
 from .lora_fused import FusedLoRALinear, QuantLoRALinear
+from .svd_init import split_root, svd_triplets
 
 try:
     from transformers.pytorch_utils import Conv1D as _HFConv1D
@@ -203,19 +204,20 @@ class LoRALayer(AdapterModule):
 
     @torch.no_grad()
     def _svd_init(self, init: str, base: nn.Module) -> None:
-        w = self.matrix(base).detach().float()
-        r = self.r
+        w = self.matrix(base)
         if init.startswith("pissa_niter_"):
-            niter = int(init.rsplit("_", 1)[-1])
-            u, s, v = torch.svd_lowrank(w, q=r, niter=niter)
-            ur, sr, vhr = u, s, v.t()
+            triplets = svd_triplets(w, self.r, "top", niter=int(init.rsplit("_", 1)[-1]))
         else:
-            u, s, vh = torch.linalg.svd(w, full_matrices=False)
-            sl = slice(0, r) if init == "pissa" else slice(s.numel() - r, s.numel())
-            ur, sr, vhr = u[:, sl], s[sl], vh[sl]
-        root = torch.sqrt(sr / self.scaling)
-        self.lora_A.copy_(root[:, None] * vhr)
-        self.lora_B.copy_(ur * root[None, :])
+            triplets = svd_triplets(w, self.r, "top" if init == "pissa" else "bottom")
+        self.set_svd_factors(*triplets)
+
+    @torch.no_grad()
+    def set_svd_factors(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> None:
+        """Start from the triplets ``U diag(s) Vᵀ`` (``s·B A`` equals them) and keep them as ``init_A``/``init_B``:
+        the base keeps the residual ``W − s B₀ A₀`` while attached (PiSSA, MiLoRA, CorDA)."""
+        a, b = split_root(u, s, vh, self.scaling)
+        self.lora_A.copy_(a)
+        self.lora_B.copy_(b)
         self.register_buffer("init_A", self.lora_A.detach().clone())
         self.register_buffer("init_B", self.lora_B.detach().clone())
         self.optional_state = ("init_A", "init_B")  # a peft file omits them: the SVD just made gives them
@@ -390,7 +392,9 @@ HF_READ_NAMES = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B",
 #: peft LoraConfig keys that LoRA and DoRA read (the others must be switched off; see HFCodec.unsupported)
 HF_OPTIONS = frozenset({"r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern",
                         "alpha_pattern", "bias", "use_dora", "fan_in_fan_out", "layers_to_transform", "layers_pattern",
-                        "qalora_group_size", "megatron_core", "megatron_config"})
+                        "qalora_group_size", "megatron_core", "megatron_config",
+                        # only read with init_lora_weights="corda" (refused below); a converted CorDA file keeps it
+                        "corda_config"})
 
 _UNSUPPORTED_HF = {"lora_bias": False, "use_qalora": False, "modules_to_save": None}
 
@@ -407,6 +411,10 @@ def lora_options_from_hf(d: dict[str, Any], owner: str) -> dict[str, Any]:
         init = "default"
     elif isinstance(init, str) and init.startswith(("pissa", "milora", "gaussian")):
         init = init
+    elif isinstance(init, str) and init.startswith(("corda", "olora")):
+        raise ConfigError(f"peft init_lora_weights={init!r}: this file holds factors relative to a rewritten base; "
+                          "save it from peft with path_initial_model_for_weight_conversion=... to get a plain LoRA "
+                          "file on the original base, which peftkit loads")
     else:
         raise ConfigError(f"peft init_lora_weights={init!r} is not supported by peftkit's {owner}")
     return {
