@@ -33,12 +33,15 @@ from .core.hooks import StepInfo, after_backward, after_step, before_step, regul
 from .core.model import active_names, adapter_names
 from .core.registry import METHODS, get_method, method_table, register
 from .core.summary import summary
+from .core.task_ids import task_ids
 from .io import load, read_adapters, save, write_adapters
 from .memory import memory_report
 from .merging import extract_lora, learn_coefficients, merge_adapters, merge_checkpoints
 from .methods.adalora import AdaLoRA
 from .methods.boft import BOFT
 from .methods.bottleneck import Bottleneck
+from .methods.chain_lora import ChainLoRA
+from .methods.dept import DePT, dept_param_groups
 from .methods.dora import DoRA
 from .methods.dylora import DyLoRA
 from .methods.ia3 import IA3
@@ -47,9 +50,11 @@ from .methods.kradapter import KRAdapter
 from .methods.loha import LoHa
 from .methods.lokr import LoKr
 from .methods.lora import LoRA, lora_plus_param_groups
+from .methods.molora import MoLoRA
 from .methods.nola import NOLA
 from .methods.oft import OFT
 from .methods.parallel_adapter import MAM
+from .methods.poly import Poly
 from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
 from .methods.selection import BitFit, LayerNormTuning
@@ -72,7 +77,9 @@ __all__ = [
     "AdapterState",
     "BitFit",
     "Bottleneck",
+    "ChainLoRA",
     "ConfigError",
+    "DePT",
     "DoRA",
     "DyLoRA",
     "IncreLoRA",
@@ -82,8 +89,10 @@ __all__ = [
     "LoKr",
     "LoRA",
     "LowRankOptions",
+    "MoLoRA",
     "NotMergeableError",
     "PeftkitError",
+    "Poly",
     "PrefixTuning",
     "PromptTuning",
     "SparseFT",
@@ -100,6 +109,7 @@ __all__ = [
     "before_step",
     "compress",
     "delete",
+    "dept_param_groups",
     "disabled",
     "extract",
     "extract_lora",
@@ -122,6 +132,7 @@ __all__ = [
     "save",
     "set_trainable",
     "summary",
+    "task_ids",
     "training_hooks",
     "unload",
     "unmerge",
