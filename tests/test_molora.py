@@ -113,7 +113,7 @@ def test_load_balancing_loss_on_a_hand_example():
     assert float(peftkit.regularization_loss(model3)) == 0.0
 
 
-def _fit(config, x, y, steps=400):
+def _fit(config, x, y, steps=200):
     model = nn.Sequential(nn.Linear(x.shape[1], y.shape[1], bias=False))
     nn.init.zeros_(model[0].weight)
     peftkit.attach(model, config)
@@ -132,9 +132,9 @@ def test_mixture_learns_an_input_dependent_map():
     torch.manual_seed(0)
     d = 8
     e0 = torch.eye(d)[0]
-    x = torch.cat([e0 + 0.05 * torch.randn(64, d), -e0 + 0.05 * torch.randn(64, d)])
+    x = torch.cat([e0 + 0.05 * torch.randn(32, d), -e0 + 0.05 * torch.randn(32, d)])
     u, v = torch.randn(d), torch.randn(d)
-    y = torch.cat([u.expand(64, d), v.expand(64, d)])
+    y = torch.cat([u.expand(32, d), v.expand(32, d)])
     power = y.pow(2).mean().item()
     moe = _fit(MoLoRA(r=1, alpha=1, num_experts=2, top_k=1, target_modules=["0"]), x, y)
     lora = _fit(peftkit.LoRA(r=1, alpha=1, target_modules=["0"]), x, y)
