@@ -114,3 +114,30 @@ def test_bad_config_is_refused_before_the_model_is_touched(kwargs, match):
     with pytest.raises(peftkit.ConfigError, match=match):
         peftkit.attach(model, DePT(**kwargs))
     assert not any(isinstance(m, AdapterSite) for m in model.modules())
+
+
+def test_peftkit_train_gives_the_low_rank_part_its_own_rate(tmp_path):
+    """lowrank_lr reaches the optimizer through the param_groups hook: at a vanishing rate A and B stay put
+    while the prompt trains at the run's rate."""
+    from peftkit.core.hooks import param_groups
+    from peftkit.train import TrainConfig, train
+
+    model, inputs, _ = tiny_llama(0)
+    peftkit.attach(model, DePT(num_virtual_tokens=2, r=2, max_length=16, lowrank_lr=1e-30))
+    layer = _layer(model)
+    groups = param_groups(model, list(peftkit.adapter_parameters(model).values()), 1e-2)
+    assert [(g["lr"], len(g["params"])) for g in groups] == [(1e-2, 1), (1e-30, 2)]
+    p0, a0 = layer.prompt_embeddings.detach().clone(), layer.lora_embedding_A.detach().clone()
+    ids = inputs["input_ids"]
+    examples = [{"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]), "labels": ids[i]} for i in range(4)]
+
+    def collate(ex, bs, shuffle, seed):
+        return [{k: torch.stack([e[k] for e in ex[i:i + bs]]) for k in ex[0]} for i in range(0, len(ex), bs)]
+
+    train(model, TrainConfig(output=str(tmp_path / "run"), max_steps=2, batch_size=2, lr=1e-2, progress=False),
+          examples, collate=collate)
+    assert (layer.prompt_embeddings - p0).abs().max() > 1e-3
+    assert (layer.lora_embedding_A - a0).abs().max() < 1e-20
+    assert layer.lora_embedding_B.abs().max() < 1e-20
+    with pytest.raises(peftkit.ConfigError, match="lowrank_lr must be a positive number"):
+        peftkit.attach(tiny_llama(0)[0], DePT(lowrank_lr=0.0))

@@ -19,8 +19,9 @@ model. Positions at or beyond ``s`` get no update (the paper pads or cuts
 every input to ``s``); with a key/value cache (``generate``) the position of a new token is
 counted from the cache length minus ``m′``. Positions are the indices in the given sequence
 (right padding keeps them the paper's). The paper trains the two parts with different learning
-rates: :func:`dept_param_groups` builds the optimizer groups. Not mergeable, no mixed batches
-(the sequence length changes), no peft form (peft has no DePT).
+rates: ``lowrank_lr`` sets the rate of ``A, B`` in ``peftkit.train`` / ``peftkit train --lowrank-lr``
+(the prompt takes the training rate), and :func:`dept_param_groups` builds the groups for own loops.
+Not mergeable, no mixed batches (the sequence length changes), no peft form (peft has no DePT).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class DePT(PromptTuning):
     num_virtual_tokens: int = 10
     r: int = 4
     max_length: int = 256
+    lowrank_lr: float | None = None
 
     def validate(self) -> None:
         owner = type(self).__name__
@@ -62,6 +64,9 @@ class DePT(PromptTuning):
             raise ConfigError(f"{owner}: num_virtual_tokens must be an integer >= 0 (0: no prompt), got {n!r}")
         positive_int(owner, "r", self.r)
         positive_int(owner, "max_length", self.max_length)
+        if self.lowrank_lr is not None and not (math.isfinite(self.lowrank_lr) and self.lowrank_lr > 0):
+            raise ConfigError(f"{owner}: lowrank_lr must be a positive number (or None: the training rate), "
+                              f"got {self.lowrank_lr!r}")
         if self.r > self.max_length:
             raise ConfigError(f"{owner}: r={self.r} is above max_length={self.max_length} (A is max_length×r; "
                               f"use r <= {self.max_length})")
@@ -81,6 +86,15 @@ class DePT(PromptTuning):
 
     def build(self, base: nn.Module, module_name: str) -> DePTEmbedding:
         return DePTEmbedding(copy.copy(self), base)
+
+    def param_groups(self, modules: dict[str, Any], lr: float) -> list[dict[str, Any]]:
+        """The training loop's optimizer groups (:func:`peftkit.core.hooks.param_groups`): the prompt at
+        ``lr``, ``A`` and ``B`` at ``lowrank_lr`` (None: ``lr`` too)."""
+        prompt, lowrank = [], []
+        for mod in modules.values():
+            for pname, p in mod.named_parameters():
+                (lowrank if pname.startswith("lora_embedding_") else prompt).append(p)
+        return [{"params": prompt, "lr": lr}, {"params": lowrank, "lr": self.lowrank_lr or lr}]
 
 
 def dept_budget(config: DePT, d: int) -> int:
