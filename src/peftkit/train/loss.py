@@ -15,8 +15,9 @@ and the gradients are those of the model's own loss (transformers' mean over lab
 
 Used when the model is a transformers causal LM whose logits are the plain head output (no
 logit soft-capping or scaling), no forward pre-hook rewrites its call (prompt and prefix tuning,
-MAM and DePT do: running the body alone would skip them) and the model runs in one process (DDP/FSDP hook the root's
-forward, so they keep the model's own loss); otherwise the model's own loss is used.
+MAM and DePT do: running the body alone would skip them) and the model runs in one process
+(DDP/FSDP hook the root's forward, so they keep the model's own loss); otherwise the model's own
+loss is used.
 """
 
 from __future__ import annotations
