@@ -43,7 +43,7 @@ def _ours(method: str) -> torch.nn.Module:
         "mhr": lambda: peftkit.Poly(r=8, n_skills=4, n_splits=4, target_modules=["q_proj", "v_proj"]),
         "chain_lora": lambda: peftkit.ChainLoRA(r=16, alpha=32, num_links=2, target_modules=ALL_LINEAR),
         "molora": lambda: peftkit.MoLoRA(r=4, alpha=8, num_experts=4, top_k=2, target_modules=ALL_LINEAR),
-        "dept": lambda: peftkit.DePT(num_virtual_tokens=56, r=36, max_length=128),
+        "dept": lambda: peftkit.DePT(num_virtual_tokens=56, r=36, max_positions=128),
     }
     peftkit.attach(model, configs[method]())
     if method == "chain_lora":

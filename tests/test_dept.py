@@ -28,7 +28,7 @@ def test_budget_identity_matches_a_longer_prompt():
     """d = 32, s = 16, r = 2: s·r + r·d = 96 = 3·d, so m′ = 3 has the budget of a prompt of m = 6 tokens."""
     dept_model, _, _ = tiny_llama(0)
     prompt_model, _, _ = tiny_llama(0)
-    cfg = DePT(num_virtual_tokens=3, r=2, max_length=16)
+    cfg = DePT(num_virtual_tokens=3, r=2, max_positions=16)
     peftkit.attach(dept_model, cfg)
     peftkit.attach(prompt_model, peftkit.PromptTuning(num_virtual_tokens=6))
     count = sum(p.numel() for p in peftkit.adapter_parameters(dept_model).values())
@@ -42,7 +42,7 @@ def test_no_prompt_and_zero_update_is_the_base_model_then_the_formula():
     with torch.no_grad():
         base = model(**inputs).logits
         emb = model.get_input_embeddings()(inputs["input_ids"])
-    peftkit.attach(model, DePT(num_virtual_tokens=0, r=2, max_length=6))
+    peftkit.attach(model, DePT(num_virtual_tokens=0, r=2, max_positions=6))
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, base)  # B = 0: AB = 0
     layer = _layer(model)
@@ -60,7 +60,7 @@ def test_no_prompt_and_zero_update_is_the_base_model_then_the_formula():
 def test_the_prompt_lengthens_the_input_as_prompt_tuning_does():
     dept_model, inputs, _ = tiny_llama(0)
     prompt_model, _, _ = tiny_llama(0)
-    peftkit.attach(dept_model, DePT(num_virtual_tokens=4, r=2, max_length=16))
+    peftkit.attach(dept_model, DePT(num_virtual_tokens=4, r=2, max_positions=16))
     peftkit.attach(prompt_model, peftkit.PromptTuning(num_virtual_tokens=4))
     with torch.no_grad():
         _layer(dept_model).prompt_embeddings.copy_(_layer(prompt_model).prompt_embeddings)
@@ -74,7 +74,7 @@ def test_the_prompt_lengthens_the_input_as_prompt_tuning_does():
 def test_generate_with_a_cache_equals_without():
     """With a cache only the new token reaches the model: its position is counted from the cache length."""
     model, inputs, _ = tiny_llama(0)
-    peftkit.attach(model, DePT(num_virtual_tokens=3, r=2, max_length=12))
+    peftkit.attach(model, DePT(num_virtual_tokens=3, r=2, max_positions=12))
     _randomise(peftkit.adapter_parameters(model).values(), seed=4)
     ids = inputs["input_ids"][:2]
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
@@ -88,7 +88,7 @@ def test_generate_with_a_cache_equals_without():
 
 def test_param_groups_give_the_two_parts_their_learning_rates():
     model, _, _ = tiny_llama(0)
-    peftkit.attach(model, DePT(num_virtual_tokens=2, r=2, max_length=8))
+    peftkit.attach(model, DePT(num_virtual_tokens=2, r=2, max_positions=8))
     layer = _layer(model)
     groups = dept_param_groups(model, lr_prompt=3e-1, lr_lowrank=1e-4)
     assert [g["lr"] for g in groups] == [3e-1, 1e-4]
@@ -105,8 +105,8 @@ def test_param_groups_give_the_two_parts_their_learning_rates():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(num_virtual_tokens=-1), r"num_virtual_tokens must be an integer >= 0"),
-    (dict(r=20, max_length=8), r"r=20 is above max_length=8"),
-    (dict(r=40, max_length=64), r"r=40 is above the embedding width 32"),
+    (dict(r=20, max_positions=8), r"r=20 is above max_positions=8"),
+    (dict(r=40, max_positions=64), r"r=40 is above the embedding width 32"),
     (dict(target_modules=["q_proj"]), r"DePT goes on the model's input embedding"),
 ])
 def test_bad_config_is_refused_before_the_model_is_touched(kwargs, match):
@@ -123,7 +123,7 @@ def test_peftkit_train_gives_the_low_rank_part_its_own_rate(tmp_path):
     from peftkit.train import TrainConfig, train
 
     model, inputs, _ = tiny_llama(0)
-    peftkit.attach(model, DePT(num_virtual_tokens=2, r=2, max_length=16, lowrank_lr=1e-30))
+    peftkit.attach(model, DePT(num_virtual_tokens=2, r=2, max_positions=16, lowrank_lr=1e-30))
     layer = _layer(model)
     groups = param_groups(model, list(peftkit.adapter_parameters(model).values()), 1e-2)
     assert [(g["lr"], len(g["params"])) for g in groups] == [(1e-2, 1), (1e-30, 2)]

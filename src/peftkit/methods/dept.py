@@ -2,7 +2,7 @@
 
 A prompt of ``m`` virtual tokens (``m·d`` parameters) is decomposed into a shorter prompt of
 ``m′`` = ``num_virtual_tokens`` tokens and a low-rank update of the frozen input embeddings of
-the sequence's first ``s`` = ``max_length`` positions:
+the sequence's first ``s`` = ``max_positions`` positions:
 
     E′(x) = E(x) + (A B)[0:L],       A ∈ R^{s×r},  B ∈ R^{r×d}      (row i updates position i)
     h_0 = [P; E′(x)] ∈ R^{(m′+L)×d},  P ∈ R^{m′×d}
@@ -44,7 +44,7 @@ from .prompt import INITS, TASK_TYPES, PromptEmbedding, PromptTuning, _cache_len
 @dataclass
 class DePT(PromptTuning):
     """DePT: ``num_virtual_tokens`` (m′, may be 0) prompt tokens plus a rank-``r`` update ``A B`` of the input
-    embeddings of the first ``max_length`` (s) positions. Other options as :class:`PromptTuning`."""
+    embeddings of the first ``max_positions`` (s) positions. Other options as :class:`PromptTuning`."""
 
     method: ClassVar[str] = "dept"
     family: ClassVar[str] = "prompt"
@@ -54,7 +54,7 @@ class DePT(PromptTuning):
 
     num_virtual_tokens: int = 10
     r: int = 4
-    max_length: int = 256
+    max_positions: int = 256
     lowrank_lr: float | None = None
 
     def validate(self) -> None:
@@ -63,13 +63,13 @@ class DePT(PromptTuning):
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ConfigError(f"{owner}: num_virtual_tokens must be an integer >= 0 (0: no prompt), got {n!r}")
         positive_int(owner, "r", self.r)
-        positive_int(owner, "max_length", self.max_length)
+        positive_int(owner, "max_positions", self.max_positions)
         if self.lowrank_lr is not None and not (math.isfinite(self.lowrank_lr) and self.lowrank_lr > 0):
             raise ConfigError(f"{owner}: lowrank_lr must be a positive number (or None: the training rate), "
                               f"got {self.lowrank_lr!r}")
-        if self.r > self.max_length:
-            raise ConfigError(f"{owner}: r={self.r} is above max_length={self.max_length} (A is max_length×r; "
-                              f"use r <= {self.max_length})")
+        if self.r > self.max_positions:
+            raise ConfigError(f"{owner}: r={self.r} is above max_positions={self.max_positions} (A is max_positions×r; "
+                              f"use r <= {self.max_positions})")
         one_of(owner, "prompt_tuning_init", self.prompt_tuning_init, INITS)
         if self.task_type is not None:
             one_of(owner, "task_type", self.task_type, TASK_TYPES)
@@ -99,7 +99,7 @@ class DePT(PromptTuning):
 
 def dept_budget(config: DePT, d: int) -> int:
     """DePT's trainable parameter count for embedding width ``d``: ``m′·d + s·r + r·d``."""
-    return config.num_virtual_tokens * d + config.max_length * config.r + config.r * d
+    return config.num_virtual_tokens * d + config.max_positions * config.r + config.r * d
 
 
 class DePTEmbedding(PromptEmbedding):
@@ -115,7 +115,7 @@ class DePTEmbedding(PromptEmbedding):
         if config.num_virtual_tokens == 0:  # no prompt: no (empty) parameter to train or save
             del self.prompt_embeddings
             self.register_buffer("prompt_embeddings", torch.zeros(0, d), persistent=False)
-        self.lora_embedding_A = nn.Parameter(torch.empty(config.max_length, config.r))
+        self.lora_embedding_A = nn.Parameter(torch.empty(config.max_positions, config.r))
         self.lora_embedding_B = nn.Parameter(torch.zeros(config.r, d))
         nn.init.kaiming_uniform_(self.lora_embedding_A, a=math.sqrt(5))
 
@@ -146,7 +146,7 @@ class DePTEmbedding(PromptEmbedding):
 
     def extra_repr(self) -> str:
         s, r = self.lora_embedding_A.shape
-        return f"method=dept, num_virtual_tokens={self.num_virtual_tokens}, r={r}, max_length={s}"
+        return f"method=dept, num_virtual_tokens={self.num_virtual_tokens}, r={r}, max_positions={s}"
 
 
 def dept_param_groups(model: nn.Module, lr_prompt: float, lr_lowrank: float, name: str | None = None,
