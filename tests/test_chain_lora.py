@@ -140,6 +140,33 @@ def test_save_mid_chain_loads_with_the_same_output_and_continues(tmp_path, fmt):
         next_link(fresh, "default")
 
 
+def test_hf_export_mid_chain_is_a_lora_that_peft_loads(tmp_path):
+    from peft import PeftModel
+
+    model, inputs, _ = tiny_llama(0)
+    peftkit.attach(model, ChainLoRA(r=2, alpha=6, num_links=3, target_modules=["q_proj", "down_proj"],
+                                    rank_pattern={"down_proj": 1}))
+    for _ in range(2):  # two links with random pairs, folded; the third (current) one random too
+        for m in _layers(model):
+            with torch.no_grad():
+                m.lora_B.normal_()
+        if _layers(model)[0].links() < 2:
+            next_link(model)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    peftkit.save(model, tmp_path, format="hf")
+    base, _, _ = tiny_llama(0)
+    pm = PeftModel.from_pretrained(base, tmp_path).eval()
+    assert pm.peft_config["default"].r == 6
+    with torch.no_grad():
+        torch.testing.assert_close(pm(**inputs).logits, ref, atol=1e-5, rtol=1e-4)
+    back, _, _ = tiny_llama(0)
+    peftkit.load(back, tmp_path)
+    assert type(next(iter(peftkit.get_adapter(back, "default").values())).config) is peftkit.LoRA
+    with torch.no_grad():
+        torch.testing.assert_close(back(**inputs).logits, ref, atol=1e-5, rtol=1e-4)
+
+
 def test_merge_mid_chain_folds_every_link_and_unmerge_restores():
     model, inputs, _ = tiny_llama(0)
     peftkit.attach(model, ChainLoRA(r=2, alpha=4, num_links=2, target_modules=["q_proj"]))

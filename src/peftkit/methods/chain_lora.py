@@ -23,6 +23,11 @@ The fold runs through the training-hook protocol (``after_step``, after the opti
 after every ``steps_per_link`` optimizer steps, or, when it is None, at the fractions
 ``t/T`` of ``total_steps``. Own loops call ``peftkit.after_step(model, step, total, optimizer)``
 or :func:`next_link` directly.
+
+``format="hf"`` writes the chain as the equivalent peft LoRA of rank ``T·r`` (scale 1: ``s`` folded
+into ``B``; links not reached yet are zero rows), which ``peft.PeftModel`` loads with the same
+outputs and peftkit reads back as a plain :class:`~peftkit.LoRA` (the chain's progress is in the
+peftkit format only).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from ..core.hooks import StepInfo
 from ..core.layers import HF_CONV1D, LINEAR, layer_info
 from ..core.registry import register
 from ..core.targets import ATTENTION_QV
+from ..formats.codec import HFCodec
 from .lora import max_rank
 
 
@@ -161,6 +167,9 @@ class ChainLoRALayer(AdapterModule):
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         return self.unmatrix(base, self.delta_matrix())
 
+    def layer_facts(self) -> dict[str, Any]:
+        return {"scaling": self.scaling}  # the peft export folds it into B
+
     def extra_repr(self) -> str:
         return f"method=chain_lora, r={self.r}, link={self.links() + 1}/{self.num_links}"
 
@@ -180,3 +189,38 @@ def next_link(model: nn.Module, name: str = "default", optimizer: torch.optim.Op
     for m in mods.values():
         m.fold(optimizer)  # type: ignore[operator]
     return first.links()  # type: ignore[operator]
+
+
+# -- Hugging Face PEFT format: written as the equivalent LoRA ---------------------------------------
+def _chain_to_hf(config: ChainLoRA) -> dict[str, Any]:
+    """peft's ``LoraConfig`` of the whole chain: rank ``T·r`` with scale 1 (``lora_alpha = rank``; ``s`` is
+    folded into ``B``), so peft computes ``Σ_u s B_u A_u`` exactly."""
+    t = config.num_links
+    return {"r": t * config.r, "lora_alpha": t * config.r, "lora_dropout": config.dropout, "use_rslora": False,
+            "rank_pattern": {k: t * v for k, v in config.rank_pattern.items()},
+            "alpha_pattern": {k: t * v for k, v in config.rank_pattern.items()},
+            "init_lora_weights": True, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+            "layers_to_transform": None, "layers_pattern": None, "use_dora": False}
+
+
+def _chain_export(state: dict[str, torch.Tensor], layer: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``A = [chain_A; A_t]``, ``B = [chain_B, s·B_t]`` (finished links, zero rows for links not reached yet,
+    then the current one): rank ``T·r`` at scale 1."""
+    s = float(layer["scaling"])
+    return {"lora_A": torch.cat([state["chain_A"], state["lora_A"]], 0),
+            "lora_B": torch.cat([state["chain_B"], state["lora_B"] * s], 1)}
+
+
+def _no_reading(d: dict[str, Any]) -> ChainLoRA:  # never called: ``accepts`` is False, peft's LORA files read as LoRA
+    raise ConfigError("a peft LORA file is read as peftkit.LoRA, not as a chain")
+
+
+ChainLoRA.hf_codec = HFCodec(
+    peft_type="LORA",
+    accepts=lambda d: False,
+    config_to_hf=lambda c, targets: _chain_to_hf(c),
+    config_from_hf=_no_reading,
+    read_names={"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"},
+    export=_chain_export,
+    write_only=True,
+)
