@@ -207,3 +207,39 @@ def test_not_mergeable_and_to_dtype():
     model.to(torch.float64)
     assert all(p.dtype == torch.float64 for p in peftkit.adapter_parameters(model).values())
     assert model(**inputs).logits.dtype == torch.float64
+
+
+def test_mhr_mu_lora_starts_at_the_inventory_mean():
+    """average_to_lora gives a LoRA equal to Poly with uniform routing (all logits equal: w = 1/m)."""
+    model, inputs, _ = tiny_llama(0)
+    peftkit.attach(model, peftkit.Poly(r=3, n_tasks=2, n_skills=3, n_splits=2, target_modules=["q_proj", "down_proj"]))
+    _randomise(peftkit.adapter_parameters(model).values(), seed=5)
+    model.eval()
+    with torch.no_grad():
+        for layer in peftkit.get_adapter(model, "default").values():
+            layer.poly_router.module_logits.fill_(0.7)
+        with peftkit.task_ids(model, [1, 0, 1, 0]):
+            uniform = model(**inputs).logits
+    assert peftkit.methods.poly.average_to_lora(model) == "default_mu"
+    assert peftkit.active_names(model) == ["default_mu"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, uniform, atol=1e-5, rtol=1e-4)
+    with pytest.raises(peftkit.ConfigError, match="'default_mu' is lora, not poly"):
+        peftkit.methods.poly.average_to_lora(model, "default_mu")
+
+
+def test_mhr_z_trains_only_the_routing_over_a_loaded_inventory(tmp_path):
+    model, inputs, _ = tiny_llama(0)
+    peftkit.attach(model, peftkit.Poly(r=2, n_tasks=3, n_skills=2, target_modules=["q_proj"]))
+    _randomise(peftkit.adapter_parameters(model).values())
+    peftkit.save(model, tmp_path / "multi")
+    with torch.no_grad(), peftkit.task_ids(model, [0, 1, 2, 0]):
+        ref = model(**inputs).logits
+    z, _, _ = tiny_llama(0)
+    state = peftkit.read_adapters(tmp_path / "multi")[0]
+    state.config = state.config.replace(routing_only=True)  # the multi-task inventory, frozen
+    peftkit.install(z, state, trainable=True)
+    with torch.no_grad(), peftkit.task_ids(z, [0, 1, 2, 0]):
+        torch.testing.assert_close(z(**inputs).logits, ref)
+    names = [n.rsplit(".", 1)[-1] for n in peftkit.adapter_parameters(z)]
+    assert set(names) == {"module_logits"}

@@ -21,6 +21,10 @@ These are the conventions of peft 0.21.2's ``PolyConfig`` (same tensors, same sa
 move both ways. Task ids per row are given with ``with peftkit.task_ids(model, ids):`` (see
 :mod:`peftkit.core.task_ids`); with ``n_tasks = 1`` they may be omitted (every row is task 0).
 Not mergeable: the update depends on each row's task (and is sampled in training).
+
+MHR's variants for few-shot adaptation (Caccia et al.): MHR-z trains only the routing over a frozen
+inventory (``routing_only=True``: ``A, B`` are buffers); MHR-μ discards the routing and fine-tunes
+the average ``(1/m) Σ_j`` of the inventory as one LoRA (:func:`average_to_lora`).
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ EPS = 1e-12
 class Poly(AdapterConfig):
     """Poly/MHR: ``n_skills`` LoRAs of rank ``r`` per layer, mixed per task (``n_tasks``) by a learned
     relaxed-Bernoulli routing; ``n_splits > 1`` gives MHR (one routing per head). peft's ``PolyConfig``.
+
+    ``routing_only=True`` is MHR-z: the inventory is frozen (kept as buffers) and only the routing trains;
+    to start from a multi-task run: ``st = peftkit.read_adapters(path)[0]; st.config =
+    st.config.replace(routing_only=True); peftkit.install(model, st, trainable=True)``.
+    MHR-μ (fine-tune the inventory's average as one LoRA) is :func:`average_to_lora`.
     """
 
     method = "poly"
@@ -67,6 +76,7 @@ class Poly(AdapterConfig):
     n_splits: int = 1
     poly_type: str = "poly"
     init_weights: bool = True
+    routing_only: bool = False
 
     def validate(self) -> None:
         owner = type(self).__name__
@@ -122,8 +132,12 @@ class PolyLayer(AdapterModule):
         self.in_features, self.out_features = info.in_features, info.out_features
         self.r, self.n_tasks = config.r, config.n_tasks
         h, m, r = config.n_splits, config.n_skills, config.r
-        self.poly_lora_A = nn.Parameter(torch.empty(h, m, self.in_features // h, r))
-        self.poly_lora_B = nn.Parameter(torch.zeros(h, m, r, self.out_features // h))
+        a, b = torch.empty(h, m, self.in_features // h, r), torch.zeros(h, m, r, self.out_features // h)
+        if config.routing_only:  # MHR-z: a frozen inventory (state, not parameters)
+            self.register_buffer("poly_lora_A", a)
+            self.register_buffer("poly_lora_B", b)
+        else:
+            self.poly_lora_A, self.poly_lora_B = nn.Parameter(a), nn.Parameter(b)
         self.poly_router = PolyRouter(config.n_tasks, h, m)
         self._init(config)
 
@@ -172,6 +186,30 @@ class PolyLayer(AdapterModule):
     def extra_repr(self) -> str:
         c = self.config
         return f"method=poly, r={c.r}, n_tasks={c.n_tasks}, n_skills={c.n_skills}, n_splits={c.n_splits}"
+
+
+def average_to_lora(model: nn.Module, name: str = "default", new_name: str | None = None) -> str:
+    """MHR-μ: attach a LoRA (rank ``r``, scale ``1/r``: ``alpha = 1``) that starts at the average of Poly adapter
+    ``name``'s inventory, ``A = (1/m) Σ_j A_j``, ``B = (1/m) Σ_j B_j`` per head (heads laid side by side), i.e.
+    Poly with uniform routing. Returns the new adapter's name (default ``"<name>_mu"``); it is trainable and
+    active, the Poly adapter stays attached (delete it with ``peftkit.delete``)."""
+    from ..core.api import attach, get_adapter
+    from .lora import LoRA
+
+    mods = get_adapter(model, name)
+    first = next(iter(mods.values()))
+    if not isinstance(first, PolyLayer):
+        raise ConfigError(f"average_to_lora: adapter {name!r} is {first.config.method}, not poly")
+    new_name = new_name or f"{name}_mu"
+    attach(model, LoRA(r=first.r, alpha=1.0, target_modules=list(mods)), name=new_name)
+    lora = get_adapter(model, new_name)
+    with torch.no_grad():
+        for path, mod in mods.items():
+            a = mod.poly_lora_A.mean(1)  # (h, in/h, r): the skills averaged per head
+            b = mod.poly_lora_B.mean(1)  # (h, r, out/h)
+            lora[path].lora_A.copy_(a.reshape(-1, mod.r).t())
+            lora[path].lora_B.copy_(b.transpose(0, 1).reshape(mod.r, -1).t())
+    return new_name
 
 
 # -- Hugging Face PEFT format (peft's PolyConfig) ----------------------------------------------
