@@ -33,6 +33,7 @@ from .core.hooks import StepInfo, after_backward, after_step, before_step, regul
 from .core.model import active_names, adapter_names
 from .core.registry import METHODS, get_method, method_table, register
 from .core.summary import summary
+from .core.task_ids import task_ids
 from .io import load, read_adapters, save, write_adapters
 from .memory import memory_report
 from .merging import extract_lora, learn_coefficients, merge_adapters, merge_checkpoints
@@ -40,6 +41,8 @@ from .methods.adalora import AdaLoRA
 from .methods.boft import BOFT
 from .methods.bottleneck import Bottleneck
 from .methods.corda import CorDA, corda_calibrate
+from .methods.chain_lora import ChainLoRA
+from .methods.dept import DePT, dept_param_groups
 from .methods.dora import DoRA
 from .methods.dylora import DyLoRA
 from .methods.ia3 import IA3
@@ -48,10 +51,12 @@ from .methods.kradapter import KRAdapter
 from .methods.loha import LoHa
 from .methods.lokr import LoKr
 from .methods.lora import LoRA, lora_plus_param_groups
+from .methods.molora import MoLoRA
 from .methods.nola import NOLA
 from .methods.oft import OFT
 from .methods.paca import PaCA
 from .methods.parallel_adapter import MAM
+from .methods.poly import Poly
 from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
 from .methods.selection import BitFit, LayerNormTuning
@@ -77,8 +82,10 @@ __all__ = [
     "AdapterState",
     "BitFit",
     "Bottleneck",
+    "ChainLoRA",
     "ConfigError",
     "CorDA",
+    "DePT",
     "DoRA",
     "DyLoRA",
     "IncreLoRA",
@@ -88,9 +95,11 @@ __all__ = [
     "LoKr",
     "LoRA",
     "LowRankOptions",
+    "MoLoRA",
     "NotMergeableError",
     "PaCA",
     "PeftkitError",
+    "Poly",
     "PrefixTuning",
     "PromptTuning",
     "SVFit",
@@ -109,6 +118,7 @@ __all__ = [
     "compress",
     "corda_calibrate",
     "delete",
+    "dept_param_groups",
     "disabled",
     "extract",
     "extract_lora",
@@ -131,6 +141,7 @@ __all__ = [
     "save",
     "set_trainable",
     "summary",
+    "task_ids",
     "training_hooks",
     "unload",
     "unmerge",

@@ -115,6 +115,30 @@ def after_step(model: nn.Module, step: int, total_steps: int | None = None,
     _call(model, "after_step", step, total_steps, optimizer)
 
 
+def param_groups(model: nn.Module, params: list[nn.Parameter], lr: float) -> list[dict[str, Any]]:
+    """Optimizer groups for ``params`` (the trainable adapter parameters) at learning rate ``lr``.
+
+    A method whose parts train at different rates (DePT: prompt and low-rank update) defines
+    ``param_groups(modules, lr) -> [{"params": [...], "lr": ...}, ...]`` on its config class; its
+    parameters go into those groups. Every other parameter is in the first group, at the
+    optimizer's default rate. Without such methods: one group holding ``params``.
+    """
+    wanted = {id(p) for p in params}
+    taken: set[int] = set()
+    groups: list[dict[str, Any]] = []
+    for _name, config, mods in _trained(model):
+        fn = getattr(config, "param_groups", None)
+        if not callable(fn):
+            continue
+        for g in fn(mods, lr):
+            mine = [p for p in g["params"] if id(p) in wanted and id(p) not in taken]
+            taken.update(id(p) for p in mine)
+            if mine:
+                groups.append({**g, "params": mine})
+    rest = [p for p in params if id(p) not in taken]
+    return ([{"params": rest}] if rest else []) + groups
+
+
 def regularization_loss(model: nn.Module, step: int = 0, total_steps: int | None = None) -> torch.Tensor:
     """The sum of the trained adapters' regularisation terms, to add to the training loss.
 

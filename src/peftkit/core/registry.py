@@ -50,5 +50,10 @@ def method_table() -> str:
         layers = ", ".join(cls.supported_layers) if cls.supported_layers else "any module"
         merge = "yes" if cls.mergeable else "no"
         rows.append(f"| `{name}` | `peftkit.{cls.__name__}` | {cls.family} | {cls.formula} ({layers}) | {merge} | "
-                    f"{'read + write' if name in hf else '—'} | {cls.paper} |")
+                    f"{_hf_column(cls) if name in hf else '—'} | {cls.paper} |")
     return "\n".join(rows)
+
+
+def _hf_column(cls: type[AdapterConfig]) -> str:
+    codec = cls.hf_codec
+    return f"write (as {codec.peft_type})" if getattr(codec, "write_only", False) else "read + write"

@@ -43,6 +43,8 @@ class HFCodec:
     * ``shared_names``: peftkit shared tensor name → peft's full key; ``write_shared(config)``: whether
       they are written (VeRA: only with ``save_projection``; else peft regenerates them from the seed).
     * ``module_level``: False for prompt-learning methods, whose keys carry no module path.
+    * ``write_only``: True when peft files of this ``peft_type`` are read by another method (Chain of
+      LoRA is written as a LoRA, which reads back as :class:`~peftkit.LoRA`); the method table says so.
     * ``from_file(state)``: the state as read → the state the method's modules hold, where peft
       stores it in another shape (AdaLoRA's pruned triplets dropped from the file). Default: as read.
     """
@@ -60,6 +62,7 @@ class HFCodec:
     write_shared: Callable[[Any], bool] = lambda config: True
     module_level: bool = True
     from_file: Callable[[Any], Any] | None = None
+    write_only: bool = False
 
     def names_for(self, layer: dict[str, Any]) -> Mapping[str, str]:
         if callable(self.write_names):

@@ -434,7 +434,7 @@ def _optimizer(model: nn.Module, config: TrainConfig, params: list[nn.Parameter]
                            "weight_decay": config.weight_decay})
     else:
         ids = {id(p) for p in extra}
-        groups = [{"params": [p for p in params if id(p) not in ids]}]
+        groups = hooks.param_groups(model, [p for p in params if id(p) not in ids], config.lr)  # DePT: two rates
         if extra:
             groups.append({"params": extra, "lr": config.head_lr if config.head_lr is not None else config.lr})
         groups = [g for g in groups if g["params"]]

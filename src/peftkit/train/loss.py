@@ -14,8 +14,10 @@ instead of keeping them: the peak holds the logits of one chunk, not of the batc
 and the gradients are those of the model's own loss (transformers' mean over labelled tokens).
 
 Used when the model is a transformers causal LM whose logits are the plain head output (no
-logit soft-capping or scaling) and the model runs in one process (DDP/FSDP hook the root's
-forward, so they keep the model's own loss); otherwise the model's own loss is used.
+logit soft-capping or scaling), no forward pre-hook rewrites its call (prompt and prefix tuning,
+MAM and DePT do: running the body alone would skip them) and the model runs in one process
+(DDP/FSDP hook the root's forward, so they keep the model's own loss); otherwise the model's own
+loss is used.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def supports_chunked_loss(model: nn.Module) -> bool:
         return False
     body = getattr(model, "base_model", None)
     if body is None or body is model or _head(model) is None:
+        return False
+    if model._forward_pre_hooks:  # a hook rewrites the model's call (prompt/prefix tuning, DePT): keep it
         return False
     cfg = getattr(model, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
