@@ -52,6 +52,7 @@ from .methods.oft import OFT
 from .methods.parallel_adapter import MAM
 from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
+from .methods.rosa import RoSA
 from .methods.selection import BitFit, LayerNormTuning
 from .methods.sparse import SparseFT, fish_scores
 from .methods.ssf import SSF
@@ -86,6 +87,7 @@ __all__ = [
     "PeftkitError",
     "PrefixTuning",
     "PromptTuning",
+    "RoSA",
     "SparseFT",
     "StepInfo",
     "TargetError",

@@ -170,7 +170,7 @@ class SparseDeltaMixin:
         order = torch.argsort(indices)
         self.indices.copy_(indices[order].to(self.indices.device))
         self.values.data.copy_(values[order].to(self.values.dtype))
-        src = source[order]
+        src = source.to(order.device)[order]
         remap_optimizer_state(optimizer, self.values, src.clamp_min(0), src < 0)
 
     # -- merging ---------------------------------------------------------------------------
