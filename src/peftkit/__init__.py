@@ -55,6 +55,7 @@ from .methods.prompt import PromptTuning
 from .methods.rosa import RoSA
 from .methods.selection import BitFit, LayerNormTuning
 from .methods.sparse import SparseFT, fish_scores
+from .methods.spiel import SpIEL
 from .methods.ssf import SSF
 from .methods.vera import VeRA
 
@@ -88,6 +89,7 @@ __all__ = [
     "PrefixTuning",
     "PromptTuning",
     "RoSA",
+    "SpIEL",
     "SparseFT",
     "StepInfo",
     "TargetError",
