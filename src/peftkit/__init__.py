@@ -53,6 +53,7 @@ from .methods.parallel_adapter import MAM
 from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
 from .methods.rosa import RoSA
+from .methods.sara import SaRA
 from .methods.selection import BitFit, LayerNormTuning
 from .methods.sparse import SparseFT, fish_scores
 from .methods.spiel import SpIEL
@@ -89,6 +90,7 @@ __all__ = [
     "PrefixTuning",
     "PromptTuning",
     "RoSA",
+    "SaRA",
     "SpIEL",
     "SparseFT",
     "StepInfo",
