@@ -41,6 +41,7 @@ from .methods.boft import BOFT
 from .methods.bottleneck import Bottleneck
 from .methods.dora import DoRA
 from .methods.dylora import DyLoRA
+from .methods.hft import HFT
 from .methods.ia3 import IA3
 from .methods.increlora import IncreLoRA
 from .methods.kradapter import KRAdapter
@@ -62,6 +63,7 @@ from .methods.vera import VeRA
 
 __all__ = [
     "BOFT",
+    "HFT",
     "IA3",
     "MAM",
     "METHODS",
