@@ -23,7 +23,7 @@ C = torch.tensor([1.0, -2.0])
 
 def hand_setup(grad_score: str = "square", warmup: int = 2):
     model = Small()
-    peftkit.attach(model, RoSA(r=1, density=0.25, warmup_steps=warmup, grad_score=grad_score, target_modules=["fc"]))
+    peftkit.attach(model, RoSA(r=1, density=0.25, mask_warmup_steps=warmup, grad_score=grad_score, target_modules=["fc"]))
     mod = model.fc.adapters["default"]
     opt = torch.optim.SGD(peftkit.adapter_parameters(model).values(), lr=0.1)
     return model, mod, opt, (lambda step: (model(X[step]) * C).sum())
@@ -129,7 +129,7 @@ def test_scores_support_and_save_load_keep_the_support(tmp_path):
 
 def test_warm_up_through_peftkit_train_then_save_and_load(tmp_path):
     model, inputs, out = llama()
-    peftkit.attach(model, RoSA(r=2, density=0.05, warmup_steps=2, target_modules=["q_proj", "v_proj"]))
+    peftkit.attach(model, RoSA(r=2, density=0.05, mask_warmup_steps=2, target_modules=["q_proj", "v_proj"]))
     before = base_state(model)
     train_tiny(model, inputs, tmp_path / "run", steps=4)
     mods = peftkit.get_adapter(model, "default")
@@ -146,7 +146,7 @@ def test_warm_up_through_peftkit_train_then_save_and_load(tmp_path):
 
 def test_a_model_saved_during_warm_up_stays_pending(tmp_path):
     model, inputs, _ = llama()
-    peftkit.attach(model, RoSA(r=2, density=0.05, warmup_steps=5, target_modules=["q_proj"]))
+    peftkit.attach(model, RoSA(r=2, density=0.05, mask_warmup_steps=5, target_modules=["q_proj"]))
     opt = torch.optim.SGD(peftkit.adapter_parameters(model).values(), lr=0.1)
     hook_loop(model, 2, llama_loss(model, inputs), opt)
     peftkit.save(model, tmp_path / "a")
@@ -160,7 +160,7 @@ def test_a_model_saved_during_warm_up_stays_pending(tmp_path):
     (dict(support="gradients"), "did you mean 'gradient'"),
     (dict(support="scores"), "needs scores"),
     (dict(grad_score="sq"), "grad_score"),
-    (dict(warmup_steps=0), "warmup_steps"),
+    (dict(mask_warmup_steps=0), "mask_warmup_steps"),
     (dict(init="pissa"), "init='pissa'"),
 ])
 def test_bad_input_named_before_the_model_is_touched(kw, culprit):

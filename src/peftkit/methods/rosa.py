@@ -11,10 +11,10 @@ trainable budget per layer is ``r·(in + out) + k``. Merging is exact: ``W0 ← 
 The support ``I`` (``support``):
 
 * ``"gradient"`` (the paper's protocol) — chosen from the gradients of the dense weight
-  accumulated over a warm-up: for optimizer steps ``0 .. warmup_steps − 1`` the training hooks
+  accumulated over a warm-up: for optimizer steps ``0 .. mask_warmup_steps − 1`` the training hooks
   accumulate ``Σ (∂loss/∂W)²`` (``grad_score="square"``, the empirical Fisher) or ``Σ |∂loss/∂W|``
   (``"abs"``) while only the LoRA part trains (the sparse values get no update); after step
-  ``warmup_steps − 1`` the support is fixed to the ``k`` largest scores and stays fixed. Until then
+  ``mask_warmup_steps − 1`` the support is fixed to the ``k`` largest scores and stays fixed. Until then
   ``indices`` hold a seeded random placeholder whose values stay 0 (they do not change the
   model). The accumulator is one dense float32 tensor per targeted weight during the warm-up
   only. The schedule needs the training hooks (``peftkit.train``, the Trainer callback, or
@@ -68,7 +68,7 @@ class RoSA(LoRA):
 
     density: float = 0.01
     support: str = "gradient"
-    warmup_steps: int = 16
+    mask_warmup_steps: int = 16
     grad_score: str = "square"
     seed: int = 0
     scores: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
@@ -84,7 +84,7 @@ class RoSA(LoRA):
             raise ConfigError(f"{owner}: density must be in (0, 1], got {d!r}")
         one_of(owner, "support", self.support, SUPPORTS)
         one_of(owner, "grad_score", self.grad_score, GRAD_SCORES)
-        positive_int(owner, "warmup_steps", self.warmup_steps)
+        positive_int(owner, "mask_warmup_steps", self.mask_warmup_steps)
         if self.init not in ("default", "gaussian"):
             raise ConfigError(f"{owner}: init={self.init!r} is not supported with a sparse part; use 'default' or 'gaussian'")
         if self.support == "scores" and self.scores is None and not self._indices_from_file:
@@ -125,14 +125,14 @@ class RoSA(LoRA):
 
     def before_step(self, modules: dict[str, AdapterModule], info: Any) -> None:
         for m in self._pending(modules):
-            m.capture_gradients(self.grad_score if info.step < self.warmup_steps else None)
+            m.capture_gradients(self.grad_score if info.step < self.mask_warmup_steps else None)
 
     def after_backward(self, modules: dict[str, AdapterModule], info: Any) -> None:
         for m in self._pending(modules):  # the sparse values wait for their support
             m.values.grad = None
 
     def after_step(self, modules: dict[str, AdapterModule], info: Any) -> None:
-        if info.step < self.warmup_steps - 1:
+        if info.step < self.mask_warmup_steps - 1:
             return
         for m in self._pending(modules):
             m.fix_support(info.optimizer)
