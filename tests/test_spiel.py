@@ -159,3 +159,20 @@ def test_bad_input_named_before_the_model_is_touched(kw, culprit):
         peftkit.attach(model, SpIEL(target_modules=["q_proj"], **kw))
     assert not peftkit.adapter_names(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["spiel", "sara", "hft"])
+def test_to_dtype_after_attach(method):
+    from peftkit.methods.hft import HFT
+    from peftkit.methods.sara import SaRA
+
+    cfg = {"spiel": lambda: SpIEL(density=0.1), "sara": lambda: SaRA(nuclear_weight=1e-3), "hft": lambda: HFT()}[method]()
+    cfg.target_modules = ["q_proj", "v_proj"]
+    model, inputs, out = llama()
+    peftkit.attach(model, cfg)
+    model.to(torch.float64)
+    model.train()
+    y = out(model(**inputs))
+    assert y.dtype == torch.float64
+    (y.pow(2).mean() + peftkit.regularization_loss(model)).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float64 for p in peftkit.adapter_parameters(model).values())
