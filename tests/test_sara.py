@@ -97,8 +97,77 @@ def test_no_penalty_without_weight():
     assert peftkit.regularization_loss(model).item() == 0.0
 
 
+def test_reselection_moves_to_the_smallest_current_entries_and_keeps_the_function(tmp_path):
+    model = Small()
+    w0 = model.fc.weight.detach().clone()
+    peftkit.attach(model, SaRA(quantile=0.25, reselect_every=1, target_modules=["fc"]))  # k = 3 of 12
+    mod = model.fc.adapters["default"]
+    old = mod.indices.clone()
+    opt = torch.optim.Adam([mod.values], lr=0.1)
+    mod.values.grad = torch.ones(3)
+    opt.step()
+    with torch.no_grad():
+        mod.values.copy_(torch.tensor([5.0, 0.0, -0.0]))  # the first entry becomes large ("effective")
+        opt.state[mod.values]["exp_avg"].copy_(torch.tensor([1.0, 2.0, 3.0]))
+    x = torch.randn(5, 4)
+    y = model(x)
+    current = (w0.reshape(-1).clone().index_add(0, old, mod.values.detach())).abs()
+    expected = torch.topk(-current, 3).indices.sort().values
+    assert mod.reselect(model.fc.base.weight, opt) == 1
+    assert torch.equal(mod.indices, expected) and mod.values.numel() == 3
+    assert mod.fixed_indices.tolist() == [int(old[0])] and mod.fixed_values.tolist() == [5.0]
+    assert torch.allclose(model(x), y)  # re-selection does not change the model
+    for j, i in enumerate(mod.indices.tolist()):
+        if i in old.tolist():
+            assert opt.state[mod.values]["exp_avg"][j] == old.tolist().index(i) + 1
+        else:
+            assert mod.values[j] == 0 and opt.state[mod.values]["exp_avg"][j] == 0
+    # merge and save/load carry the frozen part
+    with torch.no_grad():
+        mod.values.add_(0.5)
+    y2 = model(x)
+    peftkit.save(model, tmp_path / "a")
+    fresh = Small()
+    peftkit.load(fresh, tmp_path / "a")
+    assert torch.allclose(fresh(x), y2, atol=1e-6)
+    assert fresh.fc.adapters["default"].fixed_indices.tolist() == [int(old[0])]
+    peftkit.merge(model)
+    merged = model.fc.base.weight.detach().reshape(-1)
+    touched = set(mod.indices.tolist()) | set(mod.fixed_indices.tolist())
+    for i in range(12):
+        if i not in touched:
+            assert merged[i] == w0.reshape(-1)[i]
+    assert torch.allclose(model(x), y2, atol=1e-6)
+
+
+def test_reselection_through_the_hooks_keeps_the_fraction_and_the_untouched_entries(tmp_path):
+    model, inputs, out = llama()
+    peftkit.attach(model, SaRA(quantile=0.1, reselect_every=2, target_modules=["q_proj", "v_proj"]))
+    w0 = {p: model.get_submodule(p).base.weight.detach().clone() for p in peftkit.get_adapter(model, "default")}
+    train_tiny(model, inputs, tmp_path / "run", steps=5, lr=0.5)
+    mods = peftkit.get_adapter(model, "default")
+    assert any(m.fixed_indices.numel() for m in mods.values())  # large steps made some entries leave
+    with torch.no_grad():
+        y = out(model(**inputs))
+    for p, m in mods.items():
+        assert m.values.numel() == round(0.1 * w0[p].numel())
+    peftkit.merge(model)
+    for p, m in mods.items():
+        merged = model.get_submodule(p).base.weight.detach().reshape(-1)
+        off = torch.ones(merged.numel(), dtype=torch.bool)
+        off[m.indices] = False
+        off[m.fixed_indices] = False
+        assert torch.equal(merged[off], w0[p].reshape(-1)[off])
+    with torch.no_grad():
+        assert torch.allclose(out(model(**inputs)), y, atol=1e-5)
+    loaded = peftkit.load(llama()[0], tmp_path / "run" / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(out(loaded(**inputs)), y, atol=1e-5)
+
+
 @pytest.mark.parametrize("kw,culprit", [
     (dict(quantile=0.0), "quantile"),
+    (dict(reselect_every=-2), "reselect_every"),
     (dict(quantile=1.2), "quantile"),
     (dict(nuclear_weight=-1.0), "nuclear_weight"),
     (dict(nuclear_weight=float("nan")), "nuclear_weight"),
