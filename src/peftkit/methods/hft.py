@@ -20,7 +20,10 @@ last step every delta is trainable again. Before the first hook call (a loop wit
 deltas train.
 
 Merging is exact (``W ← W + Δ``). Memory: one float32 delta per targeted weight plus its
-optimizer state, as full fine-tuning of those weights. No Hugging Face PEFT form.
+optimizer state, as full fine-tuning of those weights. On a plain ``nn.Linear`` of the adapter's
+dtype running alone, the layer is one autograd node (:class:`DenseDeltaLinear`) that keeps only
+its input for backward (``W + Δ`` is rebuilt there), like full fine-tuning, and skips ``∂Δ``
+for a frozen ``Δ``. No Hugging Face PEFT form.
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterModule
 from ..core.config import AdapterConfig, positive_int
 from ..core.errors import ConfigError
-from ..core.layers import CONV1D, CONV2D, EMBEDDING, HF_CONV1D, LINEAR, float_dtype_for_adapter
+from ..core.layers import CONV1D, CONV2D, EMBEDDING, HF_CONV1D, LINEAR, float_dtype_for_adapter, is_quantized
 from ..core.registry import register
 from ..core.targets import ALL_LINEAR
 
@@ -133,8 +137,40 @@ class HFTLayer(AdapterModule):
             return {**params, "weight": (weight.to(d.dtype) + d).to(weight.dtype)}
         return {**params, "weight": weight + d}
 
+    def fused_forward(self, x: torch.Tensor, site: Any) -> torch.Tensor | None:
+        base = site.base
+        if type(base) is not nn.Linear:
+            return None
+        w, b = base.weight, base.bias
+        if is_quantized(w) or w.requires_grad or (b is not None and b.requires_grad):
+            return None
+        if x.dtype != w.dtype or w.dtype != self.delta.dtype or x.device != w.device:
+            return None
+        return DenseDeltaLinear.apply(x, w, b, self.delta)
+
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         return self.delta.detach()
 
     def extra_repr(self) -> str:
         return f"method=hft, trainable={self.delta.requires_grad}"
+
+
+class DenseDeltaLinear(torch.autograd.Function):
+    """``y = x (W + Δ)ᵀ + b`` with ``W``, ``b`` frozen; keeps ``x`` (and the resident ``W``, ``Δ``) for backward:
+    ``∂x = g (W + Δ)``, ``∂Δ = gᵀ x``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                delta: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, delta)
+        return F.linear(x, weight + delta.detach(), bias)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, delta = ctx.saved_tensors
+        gx = gd = None
+        if ctx.needs_input_grad[0]:
+            gx = g.matmul(weight + delta.detach())
+        if ctx.needs_input_grad[3]:
+            gd = g.reshape(-1, g.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+        return gx, None, None, gd

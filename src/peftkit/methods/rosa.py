@@ -178,7 +178,10 @@ class RoSALayer(SparseDeltaMixin, LoRALayer):
         self.support_fixed.fill_(1)
 
     def fused_forward(self, x: torch.Tensor, site: Any) -> torch.Tensor | None:
-        return None  # the sparse part overrides the weight: the general path
+        """Base + sparse part as one node (:class:`~peftkit.methods.sparse_delta.SparseDeltaLinear`), then the
+        LoRA path on the output; None (the general path) where that node does not apply."""
+        y = SparseDeltaMixin.fused_forward(self, x, site)
+        return None if y is None else self.adapt_output(x, y, y, site)
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         return LoRALayer.delta_weight(self, base) + self.sparse_delta(base)

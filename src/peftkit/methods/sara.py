@@ -123,6 +123,11 @@ class SaRALayer(SparseDeltaLayer):
         flat = w.reshape(-1)
         return flat.index_add(0, self.fixed_indices, self.fixed_values.to(flat.dtype)).view(w.shape)
 
+    def fused_support(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.fixed_indices.numel():
+            return self.indices, self.values
+        return torch.cat([self.indices, self.fixed_indices]), torch.cat([self.values, self.fixed_values.to(self.values.dtype)])
+
     def sparse_delta(self, base: nn.Module) -> torch.Tensor:
         d = super().sparse_delta(base)
         return d.reshape(-1).index_add(0, self.fixed_indices, self.fixed_values.to(d.dtype)).view(d.shape)

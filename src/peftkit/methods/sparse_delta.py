@@ -21,6 +21,13 @@ accumulated gradients) and SpIEL (drop and regrow) use this one piece of code:
   (seeded per module) or from scores;
 * :class:`SparseDeltaLayer` — the mixin on its own, for the methods that are nothing more.
 
+**Fast path.** On a plain ``nn.Linear`` whose frozen weight has the adapter's dtype, when the
+adapter runs alone on the layer and no gradient is being captured, the layer runs as one autograd
+node (:class:`SparseDeltaLinear`): forward ``x W'ᵀ + b``; backward ``∂x = g W'`` (``W'`` rebuilt,
+not kept) and ``∂values_j = Σ_t g[t, r_j] · x[t, c_j]`` for ``i_j = r_j · in + c_j`` — only the
+``k`` needed entries of the weight gradient, never the dense ``gᵀ x``. Only ``x`` is kept for
+backward (the general path keeps the dense ``W'`` per layer too).
+
 The dense gradient is read through a zero scalar "probe" added to ``W'`` only while capturing:
 autograd then computes ``∂loss/∂W'`` for that backward (the cost of full fine-tuning's weight
 gradient for those steps) and a tensor hook accumulates it; outside capture windows nothing
@@ -33,11 +40,12 @@ import zlib
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterModule
 from ..core.errors import AdapterLoadError
-from ..core.layers import float_dtype_for_adapter
+from ..core.layers import float_dtype_for_adapter, is_quantized
 
 SELECTIONS = ("magnitude", "smallest", "random", "scores")
 CAPTURE_MODES = ("sum", "abs", "square")
@@ -134,6 +142,23 @@ class SparseDeltaMixin:
             w = w + probe
             w.register_hook(self._accumulate)
         return {**params, "weight": w}
+
+    def fused_support(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positions and values the fast path adds to the weight (SaRA adds its frozen part)."""
+        return self.indices, self.values
+
+    def fused_forward(self, x: torch.Tensor, site: Any) -> torch.Tensor | None:
+        """The whole layer as one :class:`SparseDeltaLinear` node, or None for the general path."""
+        base = site.base
+        if type(base) is not nn.Linear or self.capture is not None:
+            return None
+        w, b = base.weight, base.bias
+        if is_quantized(w) or w.requires_grad or (b is not None and b.requires_grad):
+            return None
+        if x.dtype != w.dtype or w.dtype != self.values.dtype or x.device != w.device:
+            return None
+        idx, vals = self.fused_support()
+        return SparseDeltaLinear.apply(x, w, b, idx, vals)
 
     # -- the dense-gradient probe -----------------------------------------------------------
     def capture_gradients(self, mode: str | None) -> None:
@@ -239,3 +264,43 @@ class SparseDeltaLayer(SparseDeltaMixin, AdapterModule):
 
     def extra_repr(self) -> str:
         return f"method={self.config.method}, entries={self.indices.numel()}/{self.numel}"
+
+
+def sampled_weight_grad(g: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``(gᵀ x).view(-1)[indices]`` without forming ``gᵀ x``: ``Σ_t g[t, i // in] · x[t, i % in]``.
+
+    Done in chunks of the indices so that the temporaries stay below one weight's size.
+    """
+    g2 = g.reshape(-1, g.shape[-1])
+    x2 = x.reshape(-1, in_features)
+    rows, cols = indices // in_features, indices % in_features
+    tokens = max(1, g2.shape[0])
+    chunk = max(256, (g2.shape[1] * in_features) // tokens)
+    out = torch.empty(indices.numel(), dtype=torch.promote_types(g.dtype, x.dtype), device=g.device)
+    for s in range(0, indices.numel(), chunk):
+        r, c = rows[s:s + chunk], cols[s:s + chunk]
+        out[s:s + chunk] = (g2.index_select(1, r) * x2.index_select(1, c)).sum(0)
+    return out
+
+
+class SparseDeltaLinear(torch.autograd.Function):
+    """``y = x (W + scatter(values at indices))ᵀ + b`` with ``W`` and ``b`` frozen; keeps only ``x`` (and the
+    resident ``W``, ``values``) for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, indices: torch.Tensor,
+                values: torch.Tensor) -> torch.Tensor:
+        w = weight.reshape(-1).index_add(0, indices, values.detach().to(weight.dtype)).view(weight.shape)
+        ctx.save_for_backward(x, weight, indices, values)
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, indices, values = ctx.saved_tensors
+        gx = gv = None
+        if ctx.needs_input_grad[0]:
+            w = weight.reshape(-1).index_add(0, indices, values.detach().to(weight.dtype)).view(weight.shape)
+            gx = g.matmul(w)
+        if ctx.needs_input_grad[4]:
+            gv = sampled_weight_grad(g, x, indices, weight.shape[1]).to(values.dtype)
+        return gx, None, None, None, gv
