@@ -28,6 +28,10 @@ with the smallest *current* magnitude ``|W0 + Δ|``. Entries that leave it (they
 entries start at 0 with a zeroed optimizer state (``info.optimizer``). The model does not change
 at a re-selection, ``k`` (the trained fraction) stays ``quantile``, and entries never selected
 stay bitwise equal to ``W0``. The nuclear norm is taken of the whole ``Δ`` (trained + frozen).
+Each re-selection can add up to ``k`` entries to the frozen part (memory and file size grow
+with it: with a large learning rate most entries leave at once; measured on SmolLM2 q/v,
+quantile 0.05, lr 0.05, two re-selections froze 1.0M entries next to 0.66M trained), so use few
+re-selections (a large ``reselect_every``).
 
 Not implemented: the paper's sparse backward kernel (the gradient of ``values`` is gathered from
 the dense weight gradient that autograd computes for the layer, as for
