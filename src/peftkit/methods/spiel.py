@@ -130,5 +130,10 @@ class SpIELLayer(SparseDeltaLayer):
         self.anchor.copy_(self.values.detach())
         return n
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        with torch.no_grad():  # not saved: after a load (or a resumed run) the change is measured from here
+            self.anchor.copy_(self.values.detach())
+
     def extra_repr(self) -> str:
         return f"method=spiel, entries={self.indices.numel()}/{self.numel}"
