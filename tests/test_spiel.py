@@ -176,3 +176,15 @@ def test_to_dtype_after_attach(method):
     assert y.dtype == torch.float64
     (y.pow(2).mean() + peftkit.regularization_loss(model)).backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float64 for p in peftkit.adapter_parameters(model).values())
+
+
+def test_a_loaded_adapter_measures_the_change_from_its_loaded_deltas(tmp_path):
+    model = Small()
+    peftkit.attach(model, SpIEL(density=0.5, target_modules=["fc"]))
+    with torch.no_grad():
+        model.fc.adapters["default"].values.normal_()
+    peftkit.save(model, tmp_path / "a")
+    fresh = Small()
+    peftkit.load(fresh, tmp_path / "a", trainable=True)
+    mod = fresh.fc.adapters["default"]
+    assert torch.equal(mod.anchor, mod.values.detach()) and torch.count_nonzero(mod.anchor) > 0
