@@ -22,7 +22,7 @@ through the training hooks, every ``update_every`` optimizer steps:
 (memory ∝ density). The dense gradient accumulator (float32, one per targeted weight) exists only
 during the ``accumulation_steps`` steps before each update and is freed after it; during those
 steps the backward also computes the dense weight gradient. The paper's SM3-momentum variant
-(MA) and its decaying drop fraction are not implemented. Merging is exact:
+(MA) is not implemented, and ``drop_fraction`` is constant over training (no decay schedule). Merging is exact:
 ``W.view(-1)[η] += φ``. No Hugging Face PEFT form (the reference code is a peft fork).
 """
 
