@@ -187,3 +187,15 @@ def test_to_dtype_keeps_working():
     model.to(torch.float64)
     with torch.no_grad():
         assert out(model(**inputs)).dtype == torch.float64
+
+
+def test_a_layer_without_warm_up_gradients_keeps_the_random_support_with_a_warning():
+    model = Small()
+    peftkit.attach(model, RoSA(r=1, density=0.25, mask_warmup_steps=1, target_modules=["fc"]))
+    mod = model.fc.adapters["default"]
+    placeholder = mod.indices.clone()
+    opt = torch.optim.SGD(peftkit.adapter_parameters(model).values(), lr=0.1)
+    peftkit.before_step(model, 0, 3, opt)
+    with pytest.warns(UserWarning, match="no gradient reached fc"):
+        peftkit.after_step(model, 0, 3, opt)  # no backward ran in the warm-up
+    assert mod.is_fixed() and torch.equal(mod.indices, placeholder)

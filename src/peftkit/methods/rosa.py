@@ -30,6 +30,7 @@ peft fork).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,11 +168,15 @@ class RoSALayer(SparseDeltaMixin, LoRALayer):
         """Choose the support from the accumulated gradient score (the ``k`` largest) and stop capturing.
 
         The values are 0 (they did not train during the warm-up), so the model does not change.
+        Without any accumulated gradient the seeded random placeholder becomes the support (a warning).
         """
         score = self.take_score()
         self.capture_gradients(None)
-        if score is None:
-            return  # no backward reached this layer during the warm-up: keep waiting
+        if score is None:  # no gradient reached this layer in the warm-up (unused layer, resumed run)
+            warnings.warn(f"RoSA: no gradient reached {self.module_name} during the warm-up; its sparse support "
+                          "stays the seeded random one", stacklevel=2)
+            self.support_fixed.fill_(1)
+            return
         k = self.indices.numel()
         idx = torch.topk(score, k, sorted=False).indices.to(self.indices.device)
         self.set_support(idx, torch.zeros(k, device=self.values.device), torch.full((k,), -1, dtype=torch.long), optimizer)
