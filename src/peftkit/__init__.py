@@ -45,6 +45,7 @@ from .methods.chain_lora import ChainLoRA
 from .methods.dept import DePT, dept_param_groups
 from .methods.dora import DoRA
 from .methods.dylora import DyLoRA
+from .methods.hft import HFT
 from .methods.ia3 import IA3
 from .methods.increlora import IncreLoRA
 from .methods.kradapter import KRAdapter
@@ -59,15 +60,19 @@ from .methods.parallel_adapter import MAM
 from .methods.poly import Poly
 from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
+from .methods.rosa import RoSA
+from .methods.sara import SaRA
 from .methods.selection import BitFit, LayerNormTuning
 from .methods.sorsa import SORSA
 from .methods.sparse import SparseFT, fish_scores
+from .methods.spiel import SpIEL
 from .methods.ssf import SSF
 from .methods.svfit import SVFit
 from .methods.vera import VeRA
 
 __all__ = [
     "BOFT",
+    "HFT",
     "IA3",
     "MAM",
     "METHODS",
@@ -103,6 +108,9 @@ __all__ = [
     "PrefixTuning",
     "PromptTuning",
     "SVFit",
+    "RoSA",
+    "SaRA",
+    "SpIEL",
     "SparseFT",
     "StepInfo",
     "TargetError",

@@ -29,7 +29,9 @@ that wraps the layer calls the hooks below; a method overrides only those it nee
 State: ``state_dict()`` is what is saved. ``optional_state`` names tensors that a file may omit
 (they keep the values the module was built with: PiSSA's starting factors, which the SVD at
 build time recomputes; ``"shared.<name>"`` for a shared tensor, e.g. VeRA's bases regenerated
-from the seed). ``self.shared`` (set when the config defines ``build_shared``) is one
+from the seed). ``resizable_state`` names tensors whose length depends on training (SaRA's
+frozen part after re-selections): load accepts the file's shape, and the module resizes them
+in ``_load_from_state_dict``. ``self.shared`` (set when the config defines ``build_shared``) is one
 module holding tensors shared by every layer of the adapter; it is saved once, not per layer.
 """
 
@@ -60,6 +62,9 @@ class AdapterModule(nn.Module):
     supports_mixed_batch: bool = True
     #: state tensors a file may omit (they keep their built values)
     optional_state: tuple[str, ...] = ()
+    #: state tensors whose length depends on training (SaRA's frozen part): a file's shape is accepted as long
+    #: as it has the same number of axes, and the module's ``_load_from_state_dict`` resizes them first
+    resizable_state: tuple[str, ...] = ()
 
     def __init__(self, config: AdapterConfig, base: nn.Module) -> None:
         super().__init__()

@@ -168,6 +168,8 @@ def check_tensors(plan: list, tensors: dict[str, torch.Tensor], shared: dict[str
                     problems.append(f"missing tensor {key} (expected shape {tuple(ref.shape)})")
                 continue
             used.add(key)
+            if k in module.resizable_state and isinstance(t, torch.Tensor) and t.dim() == ref.dim():
+                ref = ref.new_empty(t.shape)  # its length depends on training: the module resizes it on load
             problem = _tensor_problem(t, ref, allow_nonfinite)
             if problem:
                 problems.append(f"tensor {key} {problem}")

@@ -31,7 +31,6 @@ gradients, which :func:`fish_scores` gives with batches of one example.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,10 +40,11 @@ from torch import nn
 
 from ..core.adapter import AdapterModule
 from ..core.config import AdapterConfig, one_of
-from ..core.errors import AdapterLoadError, ConfigError, PeftkitError
-from ..core.layers import CONV1D, CONV2D, EMBEDDING, HF_CONV1D, LINEAR, float_dtype_for_adapter
+from ..core.errors import ConfigError, PeftkitError
+from ..core.layers import CONV1D, CONV2D, EMBEDDING, HF_CONV1D, LINEAR
 from ..core.registry import register
 from ..core.targets import ALL_LINEAR
+from .sparse_delta import SparseDeltaLayer, count_for, select_support
 
 SELECTIONS = ("magnitude", "random", "fish")
 
@@ -90,7 +90,7 @@ class SparseFT(AdapterConfig):
 
     def count_for(self, numel: int) -> int:
         """The number of trainable entries of a weight with ``numel`` entries: ``max(1, round(density · numel))``."""
-        return min(numel, max(1, round(self.density * numel)))
+        return count_for(self.density, numel)
 
     def check_layer(self, base: nn.Module, module_name: str) -> str | None:
         reason = super().check_layer(base, module_name)
@@ -123,81 +123,28 @@ class SparseFT(AdapterConfig):
 
 
 def select_indices(config: SparseFT, weight: torch.Tensor, module_name: str) -> torch.Tensor | None:
-    """The sorted flat positions (int64, CPU) that ``config`` makes trainable in ``weight``; None when they come from a file."""
-    w = weight.detach()
-    numel = w.numel()
-    k = config.count_for(numel)
-    if config.selection == "magnitude":
-        score = w.float().abs().reshape(-1)
-    elif config.selection == "random":
-        seed = (config.seed * 1_000_003 + zlib.crc32(module_name.encode())) % (2**63)
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randperm(numel, generator=gen)[:k].sort().values
-    elif config.scores is not None:
-        score = config.scores[module_name].detach().float().reshape(-1).to(w.device)
-    else:
-        return None
-    return torch.topk(score, k, sorted=False).indices.sort().values
+    """The sorted flat positions (int64) that ``config`` makes trainable in ``weight``; None when they come from a file."""
+    k = config.count_for(weight.numel())
+    if config.selection == "fish":
+        if config.scores is None:
+            return None
+        return select_support("scores", k, weight, module_name, scores=config.scores[module_name])
+    return select_support(config.selection, k, weight, module_name, seed=config.seed)
 
 
-class SparseLayer(AdapterModule):
+class SparseLayer(SparseDeltaLayer):
     """``W' = W + scatter(values at indices)``: buffer ``indices`` (k,) int64, parameter ``values`` (k,)."""
 
-    transforms_input = False
-    overrides_params = True
-    adapts_output = False
-
     def __init__(self, config: SparseFT, base: nn.Module, module_name: str) -> None:
-        super().__init__(config, base)
-        self.module_name = module_name
-        w = base.weight
-        self.numel = w.numel()
-        k = config.count_for(self.numel)
-        idx = select_indices(config, w, module_name)
+        k = config.count_for(base.weight.numel())
+        idx = select_indices(config, base.weight, module_name)
         #: a FISH adapter read from a file: placeholder indices (-1) until the file's are loaded
-        self.awaiting_indices = idx is None
+        awaiting = idx is None
         if idx is None:
             idx = torch.full((k,), -1, dtype=torch.long)
-        self.register_buffer("indices", idx.to(device=w.device, dtype=torch.long))
-        self.values = nn.Parameter(torch.zeros(k, dtype=float_dtype_for_adapter(w.dtype), device=w.device))
+        super().__init__(config, base, module_name, idx)
+        self.awaiting_indices = awaiting
 
-    # -- forward ---------------------------------------------------------------------------
-    def sparse_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` with ``values`` added at ``indices`` (a new tensor; ``weight`` is not modified)."""
-        v = self.values
-        flat = weight.reshape(-1)
-        if flat.dtype != v.dtype:
-            return flat.to(v.dtype).index_add(0, self.indices, v).to(weight.dtype).view(weight.shape)
-        return flat.index_add(0, self.indices, v).view(weight.shape)
-
-    def override_params(self, params: dict[str, torch.Tensor], site: Any) -> dict[str, torch.Tensor]:
-        weight = params.get("weight", site.base.weight)
-        return {**params, "weight": self.sparse_weight(weight)}
-
-    # -- merging ---------------------------------------------------------------------------
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        w = base.weight
-        dense = torch.zeros(w.numel(), dtype=self.values.dtype, device=w.device)
-        return dense.index_add(0, self.indices, self.values.detach()).view(w.shape)
-
-    @torch.no_grad()
-    def merge_into(self, base: nn.Module) -> None:
-        self._add_to(base.weight, self.values)
-
-    @torch.no_grad()
-    def unmerge_from(self, base: nn.Module) -> None:
-        self._add_to(base.weight, -self.values)
-
-    def _add_to(self, w: torch.Tensor, v: torch.Tensor) -> None:
-        if w.is_contiguous():
-            flat = w.data.view(-1)
-            flat[self.indices] = flat[self.indices] + v.to(w.dtype)
-        else:
-            flat = w.data.reshape(-1).clone()
-            flat[self.indices] = flat[self.indices] + v.to(w.dtype)
-            w.data.copy_(flat.view(w.shape))
-
-    # -- checks ----------------------------------------------------------------------------
     def on_attach(self, model: nn.Module, site: Any) -> None:
         if self.awaiting_indices:
             raise PeftkitError(
@@ -206,21 +153,9 @@ class SparseLayer(AdapterModule):
             )
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        key = prefix + "indices"
-        idx = state_dict.get(key)
-        if isinstance(idx, torch.Tensor):
-            name = f"{self.module_name}.indices"
-            if idx.is_floating_point() or idx.dtype == torch.bool or idx.dim() != 1:
-                raise AdapterLoadError(f"tensor {name} must be a 1-D integer tensor, got {idx.dtype} {tuple(idx.shape)}")
-            if idx.numel():
-                lo, hi = int(idx.min()), int(idx.max())
-                if lo < 0 or hi >= self.numel:
-                    raise AdapterLoadError(f"tensor {name} holds position {hi if hi >= self.numel else lo} but the "
-                                           f"weight has {self.numel} entries (valid: 0..{self.numel - 1})")
-                if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-                    raise AdapterLoadError(f"tensor {name} must be sorted and free of duplicates")
+        if self.check_loaded_indices(state_dict, prefix):
             self.awaiting_indices = False
-        super()._load_from_state_dict(state_dict, prefix, *args)
+        AdapterModule._load_from_state_dict(self, state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         return f"method=sparse, entries={self.indices.numel()}/{self.numel}, selection={self.config.selection}"
