@@ -47,6 +47,7 @@ from .methods.kradapter import KRAdapter
 from .methods.loha import LoHa
 from .methods.lokr import LoKr
 from .methods.lora import LoRA, lora_plus_param_groups
+from .methods.meft import MEFT
 from .methods.nola import NOLA
 from .methods.oft import OFT
 from .methods.parallel_adapter import MAM
@@ -61,6 +62,7 @@ __all__ = [
     "BOFT",
     "IA3",
     "MAM",
+    "MEFT",
     "METHODS",
     "NOLA",
     "OFT",
