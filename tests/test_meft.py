@@ -58,7 +58,7 @@ def test_inverse_rebuilds_the_input(family, variant):
     """float64 streams with a power-of-two scale rebuild the embeddings bit for bit from the final
     streams, also with trained (non-zero) adapters; float32 streams to ~1e-5; a float64 model with the
     paper's 0.1 to float64 precision."""
-    model, inputs, out = FACTORIES[family]()
+    model, inputs, _out = FACTORIES[family]()
     peftkit.attach(model, MEFT(variant=variant), name="exact")
     perturb(model)
     assert reconstruction_error(model, inputs) == 0.0
@@ -185,14 +185,14 @@ def test_config_is_saved_resolved(tmp_path):
 
 
 def test_refusals():
-    model, inputs, out = tiny_llama()
+    model, inputs, _out = tiny_llama()
     with pytest.raises(peftkit.ConfigError, match="MEFT3"):
         peftkit.attach(model, MEFT(variant=3))
     with pytest.raises(peftkit.ConfigError, match="lam must be a finite non-zero"):
         peftkit.attach(model, MEFT(lam=0.0))
     with pytest.raises(peftkit.ConfigError, match="did you mean 'gelu'"):
         peftkit.attach(model, MEFT(non_linearity="gelu2"))
-    with pytest.raises(peftkit.TargetError, match="all 2 layers of model.layers; missing: model.layers.1"):
+    with pytest.raises(peftkit.TargetError, match=r"all 2 layers of model\.layers; missing: model\.layers\.1"):
         peftkit.attach(model, MEFT(target_modules=["model.layers.0"]))
     with pytest.raises(peftkit.TargetError, match="reversible_layers=3 exceeds the 2 layers"):
         peftkit.attach(model, MEFT(reversible_layers=3))
