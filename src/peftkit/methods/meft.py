@@ -322,7 +322,7 @@ class MEFTLayer(AdapterModule):
         s0 = h0.to(stream_dtype)
         o1, o2 = run_couplings(couplings, s0, s0, k, need_grad)
         for record in _RECORDS:
-            record.append((s0.detach(), couplings, o1.detach(), o2.detach()))
+            record.append((s0.detach(), couplings))
         return (o2 if self.config.variant == 1 else o1).to(h0.dtype)
 
     def extra_repr(self) -> str:
@@ -374,17 +374,20 @@ def _without_cache(kwargs: dict) -> dict:
     return out
 
 
-#: active recorders (:func:`reconstruction_error`): each stack run appends (input stream, couplings, outputs)
-_RECORDS: list[list[tuple[torch.Tensor, list[Coupling], torch.Tensor, torch.Tensor]]] = []
+#: active recorders (:func:`reconstruction_error`): each stack run appends (its input stream, its couplings)
+_RECORDS: list[list[tuple[torch.Tensor, list[Coupling]]]] = []
 
 
 @torch.no_grad()
-def reconstruction_error(model: nn.Module, inputs: dict[str, Any]) -> float:
-    """How well the stack rebuilds its input from its outputs alone: ``max |x̂ − h₀| / max |h₀|`` over both
-    streams, where ``x̂`` is the input recomputed layer by layer from the top (as the backward pass does)
-    for one forward pass of ``model(**inputs)`` with the active MEFT adapter. Put dropout-free
-    models in ``eval()`` mode first (the inverse does not replay random draws outside training)."""
-    record: list[tuple[torch.Tensor, list[Coupling], torch.Tensor, torch.Tensor]] = []
+def reconstruction_error(model: nn.Module, inputs: dict[str, Any], layers: int | None = None) -> float:
+    """How well the lowest ``layers`` layers (None: all) rebuild their input from their outputs alone.
+
+    One forward pass of ``model(**inputs)`` with the active MEFT adapter; the streams after ``layers``
+    layers are inverted layer by layer down to the embeddings, as the backward pass does, and the
+    result is ``max |x̂ − h₀| / max |h₀|`` over both streams. Use ``eval()`` mode for a model with
+    dropout (the inverse replays random draws only in training mode).
+    """
+    record: list[tuple[torch.Tensor, list[Coupling]]] = []
     _RECORDS.append(record)
     try:
         model(**inputs)
@@ -392,7 +395,11 @@ def reconstruction_error(model: nn.Module, inputs: dict[str, Any]) -> float:
         _RECORDS.remove(record)
     if not record:
         raise PeftkitError("no MEFT adapter ran in this forward pass (attach one and activate it)")
-    s0, couplings, o1, o2 = record[0]
+    s0, couplings = record[0]
+    couplings = couplings if layers is None else couplings[:layers]
+    o1, o2 = s0, s0
+    for c in couplings:
+        o1, o2 = c.forward(o1, o2)
     for c in reversed(couplings):
         o1, o2 = c.inverse(o1, o2)
     scale = s0.abs().max().clamp_min(1e-30)
