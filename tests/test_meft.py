@@ -213,3 +213,43 @@ def test_refusals():
     peftkit.activate(model, ["a", "b"])
     with pytest.raises(peftkit.PeftkitError, match="one MEFT adapter at a time"):
         model(**inputs)
+
+
+def test_partly_reversible_stack_gives_the_same_gradients():
+    """The lowest layers reversible and the rest with ordinary autograd (``reversible_layers=3`` of 6) gives
+    the gradients of the all-ordinary run, and keeps fewer bytes than it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    inputs, out = {"input_ids": ids}, (lambda r: r.logits)
+    peftkit.attach(model, MEFT(variant=2, bottleneck_size=4))
+    perturb(model)
+    part = _grads(model, inputs, out, 3)
+    plain = _grads(model, inputs, out, 0)
+    assert part.keys() == plain.keys() and len(part) == 6 * 8
+    for k in part:
+        assert rel(part[k], plain[k]) <= 1e-5, k
+    sizes = {}
+    for k in (0, 3, 6):
+        for m in model.modules():
+            if type(m).__name__ == "MEFTLayer":
+                m.config.reversible_layers = k
+        sizes[k] = _saved_bytes(model, inputs, out)
+    assert sizes[0] > sizes[3] > sizes[6]
+
+
+def test_training_through_a_filled_cache_is_refused():
+    from transformers import DynamicCache
+
+    model, inputs, _out = tiny_llama()
+    peftkit.attach(model, MEFT())
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+    assert isinstance(cache, DynamicCache) and cache.get_seq_length() > 0
+    ids = inputs["input_ids"][:, :1]
+    with pytest.raises(peftkit.PeftkitError, match="KV cache that already holds tokens"):
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
