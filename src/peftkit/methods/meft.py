@@ -58,6 +58,7 @@ gradient. Supported: Llama-style decoders and BERT encoders; other model types a
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import math
 import weakref
@@ -90,6 +91,9 @@ SUPPORTED = {"llama": "LlamaDecoderLayer", "bert": "BertLayer"}
 _LAYER_PATTERNS = {"llama": [r"re:(.*\.)?layers\.\d+"], "bert": [r"re:(.*\.)?encoder\.layer\.\d+"]}
 _FALLBACK = [r"re:(.*\.)?(layers|layer|h|blocks?)\.\d+"]  # other families: found, then refused by name
 _CACHE_KEYS = ("cache", "past_key_values", "past_key_value")
+#: per thread / task: {id(first layer's module): weak reference to the stack output the other layers pass on}
+_STACK_OUTPUT: contextvars.ContextVar[dict[int, weakref.ref] | None] = contextvars.ContextVar(
+    "peftkit_meft_stack_output", default=None)
 
 
 class _LayerDefaults(dict):
@@ -245,7 +249,6 @@ class MEFTLayer(AdapterModule):
         last = self.index == getattr(config, "num_layers", 0) - 1
         self.rev_adapter = None if config.variant == 1 and last else BottleneckAdapter(hidden, config.bottleneck_size, act)
         self.__dict__["_stack"] = None  # the ModuleList of layer sites (a plain attribute, not a submodule)
-        self.__dict__["_output"] = None  # weak reference to the stack's last output (the other layers pass it on)
 
     def on_attach(self, model: nn.Module, site: Any) -> None:
         self.__dict__["_stack"] = model.get_submodule(self.stack_path)
@@ -270,13 +273,14 @@ class MEFTLayer(AdapterModule):
         name = self._name(site)
         first: MEFTLayer = stack[0].adapters[name]
         if self.index > 0:
-            expected = first._output() if first._output is not None else None
+            ref = (_STACK_OUTPUT.get() or {}).get(id(first))
+            expected = ref() if ref is not None else None
             if expected is None or expected is not args[0]:
                 raise PeftkitError(f"MEFT runs the whole layer stack from its first layer ({self.stack_path}.0); "
                                    f"layer {self.index} was called on its own, which a reversible stack cannot do")
             return args[0]
         out = self._run_stack(stack, name, args[0], args[1:], kwargs)
-        self.__dict__["_output"] = weakref.ref(out)
+        _STACK_OUTPUT.set({**(_STACK_OUTPUT.get() or {}), id(self): weakref.ref(out)})
         return out
 
     def couplings(self, stack: nn.ModuleList, name: str, rest: tuple, kwargs: dict, stream_dtype: torch.dtype
