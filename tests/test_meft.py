@@ -253,3 +253,20 @@ def test_training_through_a_filled_cache_is_refused():
     ids = inputs["input_ids"][:, :1]
     with pytest.raises(peftkit.PeftkitError, match="KV cache that already holds tokens"):
         model(input_ids=ids, past_key_values=cache, use_cache=True)
+
+
+def test_inexact_rebuild_warns():
+    """The backward compares the rebuilt layer inputs with the forward's (their norms): an exact rebuild is
+    silent, float32 streams forced reversible over a rebuild that loses bits warn."""
+    import warnings
+
+    model, inputs, out = tiny_llama()
+    peftkit.attach(model, MEFT(lam=2.0**-10), name="exact")
+    perturb(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out(model(**inputs)).pow(2).mean().backward()
+    peftkit.attach(model, MEFT(lam=2.0**-10, stream_dtype="float32", reversible_layers=2), name="lossy")
+    perturb(model, seed=2)
+    with pytest.warns(RuntimeWarning, match="gradients are approximate"):
+        out(model(**inputs)).pow(2).mean().backward()
