@@ -36,8 +36,10 @@ scales are powers of two: then ``λ·x1 + f`` is exact as long as the stream has
 bits per layer, and the inputs are rebuilt bit for bit (``reconstruction_error`` = 0 on MiniLM).
 ``reversible_layers`` (None) makes only the lowest ``⌊(53 − 24 − 2)/log2(1/λ)⌋`` layers reversible
 for float32 layers (9 of SmolLM2's 30 at λ = 1/8; all 6 of MiniLM's); the layers above use ordinary
-autograd, as the official code's ``num_rev_layers`` for deep models. An explicit number overrides
-it; ``reversible_layers=0`` runs the same coupling with ordinary autograd (for comparison).
+autograd, as the official code's ``num_rev_layers`` for deep models. The rule assumes layer outputs
+of similar magnitude; the backward pass checks every rebuilt input against the forward's (norms)
+and warns when one is not exact. An explicit number overrides it; ``reversible_layers=0`` runs the
+same coupling with ordinary autograd (for comparison).
 
 Differences from the paper's code, and why: the adapters start at exactly zero (``W_up = 0``, the
 paper draws both matrices from N(0, 0.02²)), so the start is the PLM-with-skip above; the layer
