@@ -270,3 +270,15 @@ def test_inexact_rebuild_warns():
     perturb(model, seed=2)
     with pytest.warns(RuntimeWarning, match="gradients are approximate"):
         out(model(**inputs)).pow(2).mean().backward()
+
+
+def test_backward_twice_with_retained_graph():
+    model, inputs, out = tiny_llama()
+    peftkit.attach(model, MEFT())
+    perturb(model)
+    loss = out(model(**inputs)).pow(2).mean()
+    loss.backward(retain_graph=True)
+    first = {k: p.grad.clone() for k, p in peftkit.adapter_parameters(model).items()}
+    loss.backward()
+    for k, p in peftkit.adapter_parameters(model).items():
+        assert torch.allclose(p.grad, 2 * first[k], rtol=1e-6, atol=0), k

@@ -172,8 +172,7 @@ class ReversibleStack(torch.autograd.Function):
                           f"pass's (relative error of their norms up to {worst:.2e}), so the gradients are "
                           "approximate; make fewer layers reversible (MEFT: reversible_layers) or use a larger "
                           "scale / float64 streams", RuntimeWarning, stacklevel=2)
-        ctx.couplings = None  # the layer arguments (masks, RNG states) go with the graph
-        return (None, None, d1, d2, *acc)
+        return (None, None, d1, d2, *acc)  # the couplings (layer arguments, RNG states) go with the graph
 
 
 def run_couplings(couplings: list[Coupling], x1: torch.Tensor, x2: torch.Tensor, reversible: int,
