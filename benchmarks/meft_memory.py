@@ -12,7 +12,7 @@ are byte counts, deterministic (no timing), so one run gives them:
 Rows: LoRA on q/v with the rank that gives about MEFT's trainable-parameter count; full fine-tuning;
 MEFT1 with ordinary autograd (``reversible_layers=0``, the same coupling caching everything); MEFT1 with
 its default (the lowest layers whose inputs float64 streams rebuild exactly, see ``exact_layers``);
-MEFT1 with every layer reversible. For MEFT rows also: how many layers are reversible and the
+MEFT1 with every layer reversible; MEFT2 and MEFT3 with their defaults. For MEFT rows also: how many layers are reversible and the
 reconstruction error over them (``reconstruction_error``: 0 = bit-exact, so the gradients equal
 ordinary autograd's). Then the start point for λ = 2^-1, 2^-3 (the default), 2^-5, 2^-8 (forward only):
 the relative distance of the last hidden state from the PLM's, the KL divergence of the output
@@ -99,7 +99,8 @@ def run_model(alias: str, rows: int, length: int) -> dict[str, float]:
     out: dict[str, float] = {}
 
     meft_rows = {"meft1 ordinary autograd": MEFT(reversible_layers=0), "meft1 default": MEFT(),
-                 "meft1 all layers reversible": MEFT(reversible_layers=base.config.num_hidden_layers)}
+                 "meft1 all layers reversible": MEFT(reversible_layers=base.config.num_hidden_layers),
+                 "meft2 default": MEFT(variant=2), "meft3 default": MEFT(variant=3)}
     budget = None
     for label, cfg in meft_rows.items():
         model = copy.deepcopy(base)

@@ -11,5 +11,7 @@ CASES = [
     Case("meft1-llama", "llama", lambda: MEFT(variant=1, bottleneck_size=4), **_FLAGS),
     Case("meft2-llama", "llama", lambda: MEFT(variant=2, bottleneck_size=4), **_FLAGS),
     Case("meft1-bert", "bert", lambda: MEFT(variant=1, bottleneck_size=4), **_FLAGS),
+    Case("meft3-llama", "llama", lambda: MEFT(variant=3, bottleneck_size=4), **_FLAGS),
+    Case("meft3-bert", "bert", lambda: MEFT(variant=3, bottleneck_size=4), **_FLAGS),
     Case("meft2-bert-plain", "bert", lambda: MEFT(variant=2, reversible_layers=0, non_linearity="relu"), **_FLAGS),
 ]

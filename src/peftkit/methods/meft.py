@@ -12,14 +12,17 @@ with two zero-initialised bottleneck adapters per layer, ``A(h) = W_up·σ(W_dow
 
 * **MEFT1** (``variant=1``, default λ = 1/8, β = 1): ``F = L_n + A_layer`` (the PLM layer with a
   parallel adapter), ``G = A_rev`` (an adapter);
-* **MEFT2** (``variant=2``, default λ = 1, β = 1/8): ``F = A_rev``, ``G = L_n + A_layer``.
+* **MEFT2** (``variant=2``, default λ = 1, β = 1/8): ``F = A_rev``, ``G = L_n + A_layer``;
+* **MEFT3** (``variant=3``, default λ = β = 1/8): ``F`` = the layer's attention block (with its
+  residual path) ``+ A_rev``, ``G`` = its MLP block ``+ A_layer``, and the streams do not swap.
 
 (The official scripts use 0.1; 1/8 is the nearest power of two, by which scaling is exact in
 floating point.) At init the adapters are zero, so for MEFT1 the layer
 stream is ``a_n = L_n(a_{n−1}) + λ·a_{n−2}`` (MEFT2: ``b_n = L_n(b_{n−1}) + β·b_{n−2}``): the
-pre-trained model plus a λ- (β-)scaled skip from two layers back. The model's output is the
-layer stream of the last layer (``a`` for MEFT1, ``b`` for MEFT2; MEFT1's last ``G`` is never read,
-so that layer has no ``A_rev``), so as λ (β) → 0 the network is exactly the PLM. λ (β) cannot be 0:
+pre-trained model plus a λ- (β-)scaled skip from two layers back (MEFT3: each block gets its own
+input from one block back, scaled by λ or β). The model's output is the stream the last layer
+(MLP block) wrote (``a`` for MEFT1, ``b`` for MEFT2 and MEFT3; MEFT1's last ``G`` is never read,
+so that layer has no ``A_rev``), so as the scales → 0 the network is exactly the PLM. λ (β) cannot be 0:
 the coupling must stay invertible, and the skip compounds with depth (SmolLM2, 30 layers, λ = 1/8:
 the top-1 token at init is the PLM's at 18% of positions; λ = 2^-8: 90%; see the README).
 
@@ -35,7 +38,8 @@ once per layer going down: in float32 the rebuilt embeddings of MiniLM (6 layers
 scales are powers of two: then ``λ·x1 + f`` is exact as long as the stream has ``log2(1/λ)`` spare
 bits per layer, and the inputs are rebuilt bit for bit (``reconstruction_error`` = 0 on MiniLM).
 ``reversible_layers`` (None) makes only the lowest ``⌊(53 − 24 − 2)/log2(1/λ)⌋`` layers reversible
-for float32 layers (9 of SmolLM2's 30 at λ = 1/8; all 6 of MiniLM's); the layers above use ordinary
+for float32 layers (9 of SmolLM2's 30 at λ = 1/8; all 6 of MiniLM's; MEFT3 pays for λ and β: 4);
+the layers above use ordinary
 autograd, as the official code's ``num_rev_layers`` for deep models. The rule assumes layer outputs
 of similar magnitude; the backward pass checks every rebuilt input against the forward's (norms)
 and warns when one is not exact. An explicit number overrides it; ``reversible_layers=0`` runs the
@@ -47,8 +51,8 @@ adapter runs in parallel to the whole layer (the paper puts it beside the feed-f
 inside the layer), so one implementation serves pre-norm (Llama) and post-norm (BERT) layers;
 the output is the layer stream rather than the mean of the two streams (the mean starts further
 from the PLM, at about ``(h_N + h_{N−1})/2``); float64 streams and power-of-two scales (above).
-MEFT3 (``F`` = attention block, ``G`` = MLP block) needs per-architecture block splitting and is
-not implemented.
+MEFT3's attention adapter is parallel to the attention block (the paper's sits on the attention
+output inside it); BERT's cross-attention (decoder use) is not run by MEFT3.
 
 **Where it sits.** The adapter has one module per layer of the stack (Llama's
 ``model.layers.N``, BERT's ``encoder.layer.N``); all layers must be targeted. The first layer's
@@ -67,6 +71,7 @@ import contextvars
 import inspect
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -87,7 +92,7 @@ _HIDDEN_ACT = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu", "gelu_pytorch
                "swish": "silu", "tanh": "tanh"}
 STREAM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: (λ, β) of each variant: the official scripts' 0.1 rounded to a power of two (scaling by it is exact)
-VARIANT_SCALES = {1: (0.125, 1.0), 2: (1.0, 0.125)}
+VARIANT_SCALES = {1: (0.125, 1.0), 2: (1.0, 0.125), 3: (0.125, 0.125)}
 #: mantissa bits (with the implicit one) per floating dtype: what a stream can hold exactly
 _MANTISSA = {torch.float64: 53, torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
 _SAFETY_BITS = 2
@@ -111,9 +116,11 @@ class _LayerDefaults(dict):
 class MEFT(AdapterConfig):
     """Reversible adapters over the whole layer stack (MEFT1 or MEFT2; see the module docstring).
 
-    ``variant``: 1 (F = layer + adapter, G = adapter) or 2 (F = adapter, G = layer + adapter).
+    ``variant``: 1 (F = layer + adapter, G = adapter), 2 (F = adapter, G = layer + adapter) or 3
+    (F = attention block + adapter, G = MLP block + adapter, no swap).
     ``bottleneck_size``: the adapters' hidden width. ``lam`` / ``beta``: the stream scales λ and β
-    (None: the variant's defaults, 1/8 and 1 for MEFT1, 1 and 1/8 for MEFT2). ``reversible_layers``:
+    (None: the variant's defaults, 1/8 and 1 for MEFT1, 1 and 1/8 for MEFT2, 1/8 and 1/8 for MEFT3).
+    ``reversible_layers``:
     how many of the lowest layers use the activation-free backward (None: as many as the stream precision
     rebuilds exactly, see :func:`exact_layers`; 0: none).
     ``non_linearity``: relu, gelu, silu or tanh (None: the model's ``hidden_act``). ``stream_dtype``:
@@ -141,8 +148,8 @@ class MEFT(AdapterConfig):
     def validate(self) -> None:
         owner = type(self).__name__
         if self.variant not in VARIANT_SCALES:
-            raise ConfigError(f"{owner}: variant={self.variant!r} is not 1 (MEFT1: F = layer + adapter) or 2 "
-                              "(MEFT2: G = layer + adapter); MEFT3 (attention/MLP split) is not implemented")
+            raise ConfigError(f"{owner}: variant={self.variant!r} is not 1 (MEFT1: F = layer + adapter), 2 "
+                              "(MEFT2: G = layer + adapter) or 3 (MEFT3: F = attention block, G = MLP block)")
         positive_int(owner, "bottleneck_size", self.bottleneck_size)
         for name in ("lam", "beta"):
             v = getattr(self, name)
@@ -314,10 +321,20 @@ class MEFTLayer(AdapterModule):
         def adapter(h: torch.Tensor) -> torch.Tensor:
             return rev_adapter(h) if rev_adapter is not None else torch.zeros_like(h)
 
-        f, g = (with_layer, adapter) if self.config.variant == 1 else (adapter, with_layer)
+        variant = self.config.variant
+        if variant == 3:
+            attention, mlp = _blocks(layer, rest, kwargs)
+
+            def f(h: torch.Tensor) -> torch.Tensor:
+                return attention(h.to(layer_dtype)).to(stream_dtype) + rev_adapter(h)
+
+            def g(h: torch.Tensor) -> torch.Tensor:
+                return mlp(h.to(layer_dtype)).to(stream_dtype) + layer_adapter(h)
+        else:
+            f, g = (with_layer, adapter) if variant == 1 else (adapter, with_layer)
         params = [p for p in (*layer.parameters(), *self.parameters()) if p.requires_grad]
         random = layer.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in layer.modules())
-        return Coupling(f, g, lam, beta, params, random)
+        return Coupling(f, g, lam, beta, params, random, swap=variant != 3)
 
     def _run_stack(self, stack: nn.ModuleList, name: str, h0: torch.Tensor, rest: tuple, kwargs: dict) -> torch.Tensor:
         stream_dtype = torch.promote_types(h0.dtype, STREAM_DTYPES[self.config.stream_dtype])
@@ -332,7 +349,7 @@ class MEFTLayer(AdapterModule):
         o1, o2 = run_couplings(couplings, s0, s0, k, need_grad)
         for record in _RECORDS:
             record.append((s0.detach(), couplings))
-        return (o2 if self.config.variant == 1 else o1).to(h0.dtype)
+        return (o1 if self.config.variant == 2 else o2).to(h0.dtype)  # the stream the layer (MLP) wrote last
 
     def extra_repr(self) -> str:
         lam, beta = self.config.scales()
@@ -348,13 +365,39 @@ def exact_layers(config: MEFT, couplings: list[Coupling], stream_dtype: torch.dt
     with ``P`` the stream's mantissa bits (2 bits of margin). ``s ≥ 1`` loses no bits: every layer.
     """
     n = len(couplings)
-    s = min(config.scales()[0], config.scales()[1], 1.0)
-    if s >= 1.0:
+    per_layer = sum(math.log2(1.0 / abs(s)) for s in config.scales() if abs(s) < 1.0)  # MEFT3 scales twice
+    if per_layer == 0:
         return n
     ref = next((p for p in stack[0].base.parameters() if p.is_floating_point()), None)
     layer_bits = _MANTISSA.get(ref.dtype if ref is not None else stream_dtype, 24)
     budget = _MANTISSA.get(stream_dtype, 24) - layer_bits - _SAFETY_BITS
-    return max(0, min(n, math.floor(budget / math.log2(1.0 / abs(s)))))
+    return max(0, min(n, math.floor(budget / per_layer)))
+
+
+def _blocks(layer: nn.Module, rest: tuple, kwargs: dict) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                                  Callable[[torch.Tensor], torch.Tensor]]:
+    """MEFT3's two halves of a layer, each with its residual path: the attention block and the MLP block.
+
+    Llama (pre-norm): ``h + attn(norm₁(h))`` and ``h + mlp(norm₂(h))``; BERT (post-norm):
+    ``LN(h + attn(h))`` (``layer.attention``) and ``LN(h + ffn(h))`` (``layer.feed_forward_chunk``).
+    """
+    name = type(layer).__name__
+    if name == "LlamaDecoderLayer":
+        def attention(h: torch.Tensor) -> torch.Tensor:
+            out = layer.self_attn(layer.input_layernorm(h), *rest, **kwargs)
+            return h + (out[0] if isinstance(out, tuple) else out)
+
+        def mlp(h: torch.Tensor) -> torch.Tensor:
+            return h + layer.mlp(layer.post_attention_layernorm(h))
+
+        return attention, mlp
+    if name == "BertLayer":
+        def bert_attention(h: torch.Tensor) -> torch.Tensor:
+            out = layer.attention(h, *rest, **kwargs)
+            return out[0] if isinstance(out, tuple) else out
+
+        return bert_attention, layer.feed_forward_chunk
+    raise PeftkitError(f"MEFT3 splits LlamaDecoderLayer and BertLayer into attention and MLP blocks, not {name}")
 
 
 def _first_positional(base: nn.Module, kwargs: dict) -> tuple[tuple, dict]:

@@ -67,15 +67,17 @@ def _replay(state: tuple[torch.Tensor, torch.Tensor | None] | None, device: torc
 
 
 class Coupling:
-    """One reversible coupling ``(x1, x2) → (β·x2 + G(a), a)`` with ``a = λ·x1 + F(x2)``.
+    """One reversible coupling ``(x1, x2) → (β·x2 + G(a), a)`` with ``a = λ·x1 + F(x2)`` (``(a, b)`` when
+    ``swap`` is False, MEFT3).
 
     ``params``: the trainable tensors ``F`` and ``G`` read (their gradients come back from
     :meth:`backward`). ``random``: whether ``F``/``G`` draw random numbers (dropout in training
     mode), so that their RNG state must be replayed when they are recomputed.
     """
 
-    def __init__(self, f: Fn, g: Fn, lam: float, beta: float, params: list[torch.Tensor], random: bool) -> None:
-        self.f, self.g, self.lam, self.beta = f, g, lam, beta
+    def __init__(self, f: Fn, g: Fn, lam: float, beta: float, params: list[torch.Tensor], random: bool,
+                 swap: bool = True) -> None:
+        self.f, self.g, self.lam, self.beta, self.swap = f, g, lam, beta, swap
         self.params = params
         self.random = random
         self.rng_f: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -90,12 +92,12 @@ class Coupling:
         if self.random:
             self.rng_g = _rng_state(x2.device)
         b = self.g(a) + self.beta * x2
-        return b, a
+        return (b, a) if self.swap else (a, b)
 
     @torch.no_grad()
     def inverse(self, o1: torch.Tensor, o2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The inputs ``(x1, x2)`` rebuilt from the outputs ``(o1, o2) = (b, a)``."""
-        b, a = o1, o2
+        """The inputs ``(x1, x2)`` rebuilt from the outputs ``(o1, o2) = (b, a)`` (``(a, b)`` without swap)."""
+        b, a = (o1, o2) if self.swap else (o2, o1)
         with _replay(self.rng_g, a.device):
             x2 = (b - self.g(a)) / self.beta
         with _replay(self.rng_f, a.device):
@@ -104,8 +106,8 @@ class Coupling:
 
     def backward(self, o1: torch.Tensor, o2: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
-        """``(x1, x2, ∂L/∂x1, ∂L/∂x2, ∂L/∂params)`` from the outputs and their gradients ``(∂L/∂b, ∂L/∂a)``."""
-        b, a, db, da = o1, o2, d1, d2
+        """``(x1, x2, ∂L/∂x1, ∂L/∂x2, ∂L/∂params)`` from the outputs and their gradients (in output order)."""
+        b, a, db, da = (o1, o2, d1, d2) if self.swap else (o2, o1, d2, d1)
         n = len(self.params)
         with torch.enable_grad(), _replay(self.rng_g, a.device):
             a_in = a.detach().requires_grad_(True)
