@@ -105,7 +105,9 @@ def run_model(alias: str, rows: int, length: int) -> dict[str, float]:
     for label, cfg in meft_rows.items():
         model = copy.deepcopy(base)
         peftkit.attach(model, cfg)
-        budget = trainable(model)
+        out[f"{alias} {label}: trainable params"] = trainable(model)
+        if label == "meft1 default":
+            budget = trainable(model)  # LoRA gets MEFT1's budget
         stack = model.bert.encoder.layer if is_bert else model.model.layers
         n = len(stack)
         k = cfg.reversible_layers if cfg.reversible_layers is not None else \
@@ -132,7 +134,6 @@ def run_model(alias: str, rows: int, length: int) -> dict[str, float]:
                     f"{tag}: exact reversible layers": exact_layers(cfg.resolve(model, []), list(range(len(stack))),
                                                                     torch.float64, stack)})
         del model
-    out[f"{alias} meft trainable params"] = budget
 
     r = lora_rank_for(base, budget, qv)
     model = copy.deepcopy(base)
