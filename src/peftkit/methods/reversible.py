@@ -4,7 +4,7 @@ One coupling maps the stream pair ``(x1, x2)`` to
 
     a = λ·x1 + F(x2)
     b = β·x2 + G(a)
-    output (b, a)                       (the streams swap places, as in MEFT1/MEFT2)
+    output (b, a)                       (the streams swap places, MEFT1/MEFT2; (a, b) for MEFT3)
 
 and is inverted exactly (up to rounding) from its output alone:
 
@@ -30,7 +30,8 @@ and ``G`` call is kept (a few kB per call) and restored for the recomputation.
 Rounding: ``x1 = (a − f)/λ`` multiplies the rounding error of ``a`` by ``1/λ`` (and ``x2`` by
 ``1/β``), once per coupling going down, so the reconstruction error grows roughly like
 ``(‖J‖/min(λ, β))ⁿ`` over ``n`` couplings. That is MEFT's known limit (the paper keeps only the
-lower layers reversible for deep models); ``reversible_layers`` in the config does the same.
+lower layers reversible for deep models); ``reversible_layers`` in the config does the same, and
+MEFT's float64 streams with power-of-two scales make the rebuild exact over those layers.
 """
 
 from __future__ import annotations
