@@ -53,6 +53,7 @@ from .methods.loha import LoHa
 from .methods.lokr import LoKr
 from .methods.lora import LoRA, lora_plus_param_groups
 from .methods.molora import MoLoRA
+from .methods.meft import MEFT
 from .methods.nola import NOLA
 from .methods.oft import OFT
 from .methods.paca import PaCA
@@ -75,6 +76,7 @@ __all__ = [
     "HFT",
     "IA3",
     "MAM",
+    "MEFT",
     "METHODS",
     "NOLA",
     "OFT",

@@ -20,6 +20,7 @@ that wraps the layer calls the hooks below; a method overrides only those it nee
 * ``on_attach(model, site)`` / ``on_detach()`` — model-level hooks (prompt tuning).
 * ``fused_forward(x, site)`` — optional: the adapted output in one fused step when the adapter
   runs alone on the site (LoRA on linear layers: one autograd node for base + low-rank path).
+  ``fused_call(args, kwargs, site)`` is the same for a call with any arguments (MEFT's layers).
 * ``gathered_output(site, names_per_row, x, base_out)`` — optional classmethod: a mixed batch in
   which every running adapter of the site is of this class, computed for all rows at once (LoRA:
   two batched products), or None to fall back to one call per group of rows.
@@ -83,6 +84,15 @@ class AdapterModule(nn.Module):
     def fused_forward(self, x: torch.Tensor, site: AdapterSite) -> torch.Tensor | None:
         """Optional fast path when this adapter is the only one running on the site: the whole adapted
         output from ``x`` in one step (base included), or None to use the general pipeline."""
+        return None
+
+    def fused_call(self, args: tuple, kwargs: dict, site: AdapterSite) -> Any:
+        """Optional: the site's whole output for this call (any arguments) when this adapter runs alone on
+        it, or None to use the general pipeline. The default is :meth:`fused_forward` for a call with one
+        positional input; a method that replaces how a module called with keywords runs (MEFT runs the
+        whole layer stack from the first layer's call) overrides this."""
+        if len(args) == 1 and not kwargs:
+            return self.fused_forward(args[0], site)
         return None
 
     def layer_facts(self) -> dict[str, Any]:

@@ -110,8 +110,8 @@ class AdapterSite(nn.Module):
         names = self.running()
         if not names:
             return self.base(*args, **kwargs)
-        if len(names) == 1 and len(args) == 1 and not kwargs:
-            out = self.adapters[names[0]].fused_forward(args[0], self)
+        if len(names) == 1:
+            out = self.adapters[names[0]].fused_call(args, kwargs, self)
             if out is not None:
                 return out
         return self.run_adapters(names, args, kwargs)
