@@ -52,6 +52,7 @@ from .methods.oft import OFT
 from .methods.parallel_adapter import MAM
 from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
+from .methods.qat_lora import L4Q, LRQAT
 from .methods.selection import BitFit, LayerNormTuning
 from .methods.sparse import SparseFT, fish_scores
 from .methods.ssf import SSF
@@ -77,6 +78,8 @@ __all__ = [
     "DyLoRA",
     "IncreLoRA",
     "KRAdapter",
+    "L4Q",
+    "LRQAT",
     "LayerNormTuning",
     "LoHa",
     "LoKr",
