@@ -61,6 +61,8 @@ from .methods.vera import VeRA
 __all__ = [
     "BOFT",
     "IA3",
+    "L4Q",
+    "LRQAT",
     "MAM",
     "METHODS",
     "NOLA",
@@ -78,8 +80,6 @@ __all__ = [
     "DyLoRA",
     "IncreLoRA",
     "KRAdapter",
-    "L4Q",
-    "LRQAT",
     "LayerNormTuning",
     "LoHa",
     "LoKr",

@@ -5,4 +5,5 @@ from .loftq import loftq
 from .model import dequantize, merge_errors, quantize, quantized_layers
 from .schemes import SCHEMES, scheme_of, storage_bytes
 
-__all__ = ["SCHEMES", "QuantizedLinear", "dequantize", "export_quantized", "loftq", "merge_errors", "quantize", "quantized_layers", "scheme_of", "storage_bytes"]
+__all__ = ["SCHEMES", "QuantizedLinear", "dequantize", "export_quantized", "loftq", "merge_errors", "quantize",
+           "quantized_layers", "scheme_of", "storage_bytes"]
