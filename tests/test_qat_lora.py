@@ -278,3 +278,27 @@ def test_save_load_keeps_step_sizes_and_recomputes_phi(method, tmp_path):
     fresh, _, _ = tiny_llama()
     peftkit.load(fresh, tmp_path / "a")
     assert torch.equal(out(fresh(**inputs)).detach(), y)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_checkpoint_keeps_only_the_layer_input_for_backward(method):
+    """Without checkpointing autograd keeps weight-sized tensors (Ŵ's intermediates, the STE mask);
+    with ``checkpoint=True`` it keeps the layer input alone and recomputes Ŵ in backward."""
+    saved = {}
+    for ckpt in (False, True):
+        model = Tiny(64, 48)
+        peftkit.attach(model, method(r=4, checkpoint=ckpt, target_modules=["fc"]))
+        resident = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        x = torch.randn(2, 64, requires_grad=True)
+        seen: dict[int, int] = {}
+
+        def pack(t, seen=seen, resident=resident):
+            if t.untyped_storage().data_ptr() not in resident:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x).sum().backward()
+        saved[ckpt] = sum(seen.values())
+    assert saved[True] == 2 * 64 * 4  # x only
+    assert saved[False] >= 48 * 64 * (4 + 1)  # at least one float32 weight-sized tensor and the bool mask
