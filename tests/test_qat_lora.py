@@ -15,13 +15,14 @@ import math
 import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 import peftkit
 from peftkit.core.adapter import AdapterModule
-from peftkit.core.errors import AdapterNotFoundError, ConfigError, PeftkitError, TargetError
+from peftkit.core.errors import AdapterLoadError, AdapterNotFoundError, ConfigError, PeftkitError, TargetError
 from peftkit.core.site import AdapterSite
 from peftkit.methods.qat_lora import L4Q, LRQAT, QATLayer
-from peftkit.quant import QuantizedLinear, export_quantized
+from peftkit.quant import QuantizedLinear, export_quantized, load_quantized, save_quantized
 
 from .models import tiny_llama
 
@@ -302,3 +303,38 @@ def test_checkpoint_keeps_only_the_layer_input_for_backward(method):
         saved[ckpt] = sum(seen.values())
     assert saved[True] == 2 * 64 * 4  # x only
     assert saved[False] >= 48 * 64 * (4 + 1)  # at least one float32 weight-sized tensor and the bool mask
+
+
+def test_save_and_load_the_integer_layers(tmp_path):
+    model, inputs, out = tiny_llama()
+    peftkit.attach(model, L4Q(r=4, bits=4, group_size=16, target_modules="all-linear"))
+    train_steps(model, inputs, out, steps=2)
+    export_quantized(model)
+    y = out(model(**inputs)).detach()
+    save_quantized(model, tmp_path / "int4")
+    fresh, _, _ = tiny_llama()
+    load_quantized(fresh, tmp_path / "int4")
+    assert sum(isinstance(m, QuantizedLinear) for m in fresh.modules()) == 14
+    assert torch.equal(out(fresh(**inputs)).detach(), y)
+    with pytest.raises(ConfigError, match="no QuantizedLinear"):
+        save_quantized(tiny_llama()[0], tmp_path / "none")
+    from .models import tiny_gpt2
+
+    gpt2 = tiny_gpt2()[0]
+    with pytest.raises(AdapterLoadError, match=r"model\.layers\.0\.self_attn\.q_proj is not in GPT2LMHeadModel"):
+        load_quantized(gpt2, tmp_path / "int4")
+    assert not any(isinstance(m, QuantizedLinear) for m in gpt2.modules())  # nothing replaced
+
+
+def test_cli_trains_l4q_and_exports_integers(llama_dir, lm_data, tmp_path, capsys):
+    from peftkit.cli.main import main
+
+    train, _ = lm_data
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(llama_dir), "--task", "causal-lm", "--method", "lrqat", "--r", "4",
+                 "--bits", "4", "--group-size", "16", "--target-modules", "q_proj,v_proj", "--data", str(train),
+                 "--output", str(run), "--max-steps", "2", "--batch-size", "4"]) == 0
+    assert main(["export", str(run / "adapter"), "--format", "int", str(tmp_path / "int4")]) == 0
+    assert "integer layers written" in capsys.readouterr().out
+    model = load_quantized(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "int4")
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 4

@@ -10,16 +10,21 @@ which is exactly the training forward of the adapter in eval mode (``Ŵ = s · c
 computed from the same integers and step sizes, cast to the same dtype). The layer has no
 submodule, no adapter and no trainable parameter: nothing runs at inference beyond the
 dequantized product. Integers are stored one per int8 byte (2-, 3- and 4-bit grids are not
-packed).
+packed). :func:`save_quantized` / :func:`load_quantized` write the integer layers to a folder and
+put them back into a fresh base model.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import AdapterNotFoundError, ConfigError, did_you_mean
+from ..core.files import json_to_bytes, read_json, read_safetensors, tensors_to_bytes, write_folder
 from ..core.model import adapter_names, iter_sites, replace_module
 from ..core.targeting import display_name
 
@@ -96,4 +101,95 @@ def export_quantized(model: nn.Module, name: str | None = None) -> nn.Module:
         layer.to(base.weight.device)
         mod.on_detach()
         replace_module(model, path, layer)
+    return model
+
+
+# -- files ---------------------------------------------------------------------------------------
+QUANT_CONFIG = "quantized_layers.json"
+QUANT_WEIGHTS = "quantized_layers.safetensors"
+QUANT_FORMAT = "peftkit-quantized-layers"
+
+
+def save_quantized(model: nn.Module, path: str | Path) -> Path:
+    """Write every :class:`QuantizedLinear` of ``model`` to folder ``path`` (atomically, as a whole).
+
+    ``quantized_layers.safetensors`` holds ``<layer>.qweight`` (int8), ``<layer>.scale`` (float32) and
+    ``<layer>.bias``; ``quantized_layers.json`` the format, bits and shapes per layer. The rest of the
+    model is not written: :func:`load_quantized` puts the layers into a fresh copy of the base model.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not layers:
+        raise ConfigError(f"{type(model).__name__} has no QuantizedLinear layer: call "
+                          "peftkit.quant.export_quantized(model) after training an l4q or lrqat adapter")
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {}
+    for name, m in layers.items():
+        tensors[f"{name}.qweight"] = m.qweight
+        tensors[f"{name}.scale"] = m.scale
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias
+        meta[name] = {"bits": m.bits, "group_size": m.group_size, "in_features": m.in_features,
+                      "out_features": m.out_features, "bias": m.bias is not None}
+    root = Path(path)
+    write_folder(root, {QUANT_CONFIG: json_to_bytes({"format": QUANT_FORMAT, "version": 1, "layers": meta}),
+                        QUANT_WEIGHTS: tensors_to_bytes(tensors)})
+    return root
+
+
+def load_quantized(model: nn.Module, path: str | Path) -> nn.Module:
+    """Replace the layers saved by :func:`save_quantized` in ``model`` (the base model) by their
+    :class:`QuantizedLinear` form; returns ``model``.
+
+    Every layer is checked before any is replaced: it must exist in ``model`` (the closest names are
+    suggested), be a linear layer (``nn.Linear`` or transformers ``Conv1D``) of the recorded shape,
+    and its tensors must be in the file with the recorded shapes and dtypes.
+    """
+    from ..core.errors import AdapterLoadError, closest
+    from ..core.layers import HF_CONV1D, LINEAR, layer_info, layer_kind
+
+    root = Path(path)
+    config = read_json(root / QUANT_CONFIG)
+    if config.get("format") != QUANT_FORMAT or not isinstance(config.get("layers"), dict):
+        raise AdapterLoadError(f"{root / QUANT_CONFIG}: not a {QUANT_FORMAT} file")
+    tensors = read_safetensors(root / QUANT_WEIGHTS)
+    modules = dict(model.named_modules())
+    problems, built = [], []
+    for name, info in config["layers"].items():
+        module = modules.get(name)
+        if module is None:
+            near = closest(name, [n for n, m in modules.items() if layer_kind(m) in (LINEAR, HF_CONV1D)])
+            problems.append(f"{name} is not in {type(model).__name__}" + (f" (closest: {', '.join(near)})" if near else ""))
+            continue
+        if layer_kind(module) not in (LINEAR, HF_CONV1D):
+            problems.append(f"{name} is a {type(module).__name__}, not a linear layer")
+            continue
+        shape = layer_info(module)
+        try:
+            out, inp, bits = int(info["out_features"]), int(info["in_features"]), int(info["bits"])
+            group = int(info["group_size"])
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"{name}: incomplete layer record {info!r}")
+            continue
+        if (shape.out_features, shape.in_features) != (out, inp):
+            problems.append(f"{name}: saved for ({out}, {inp}), the model's layer is "
+                            f"({shape.out_features}, {shape.in_features})")
+            continue
+        q, s, b = (tensors.get(f"{name}.{k}") for k in ("qweight", "scale", "bias"))
+        if q is None or q.dtype != torch.int8 or tuple(q.shape) != (out, inp):
+            problems.append(f"{name}.qweight: expected int8 {(out, inp)}, found "
+                            f"{'nothing' if q is None else f'{q.dtype} {tuple(q.shape)}'}")
+            continue
+        if s is None or group <= 0 or inp % group or tuple(s.shape) != (out, inp // group):
+            problems.append(f"{name}.scale: expected {(out, inp // max(group, 1))}, found "
+                            f"{'nothing' if s is None else tuple(s.shape)}")
+            continue
+        if bool(info.get("bias")) != (b is not None) or (b is not None and tuple(b.shape) != (out,)):
+            problems.append(f"{name}.bias: expected {'(' + str(out) + ',)' if info.get('bias') else 'none'}")
+            continue
+        device = next((t.device for t in module.parameters()), torch.device("cpu"))
+        built.append((name, QuantizedLinear(q, s, b, bits).to(device)))
+    if problems:
+        raise AdapterLoadError(f"cannot load {root}: " + "; ".join(problems))
+    for name, layer in built:
+        replace_module(model, name, layer)
     return model
