@@ -33,8 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 import peftkit
+from peftkit.methods.fakequant import grid, grouped, init_scale
 from peftkit.quant import QuantizedLinear, export_quantized
-from peftkit.quant.fakequant import grid, grouped, init_scale
 
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

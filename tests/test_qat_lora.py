@@ -338,3 +338,14 @@ def test_cli_trains_l4q_and_exports_integers(llama_dir, lm_data, tmp_path, capsy
     assert "integer layers written" in capsys.readouterr().out
     model = load_quantized(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "int4")
     assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 4
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_export_of_a_bfloat16_model_reproduces_its_forward(method):
+    model, inputs, out = tiny_llama()
+    model.to(torch.bfloat16)
+    peftkit.attach(model, method(r=4, bits=4, target_modules=["q_proj", "gate_proj"]))
+    train_steps(model, inputs, out, steps=2)
+    y = out(model(**inputs)).detach()
+    export_quantized(model)
+    assert torch.equal(out(model(**inputs)).detach(), y)

@@ -3,7 +3,7 @@
 Both methods replace a frozen layer's weight ``W0 ∈ R^{out×in}`` (``nn.Linear``, transformers
 ``Conv1D`` through its matrix view) by a weight that lies on a signed ``b``-bit grid with one
 step size per output channel or per group of ``group_size`` inputs (see
-:mod:`peftkit.quant.fakequant`: ``qmin = −2^(b−1)``, ``qmax = 2^(b−1) − 1``, STE for ``round``), and
+:mod:`peftkit.methods.fakequant`: ``qmin = −2^(b−1)``, ``qmax = 2^(b−1) − 1``, STE for ``round``), and
 train LoRA factors ``A ∈ R^{r×in}`` (Kaiming), ``B ∈ R^{out×r}`` (zeros) and the step sizes ``s``
 (``c = alpha/r``, rsLoRA ``alpha/√r``). ``W0`` is frozen.
 
@@ -59,7 +59,7 @@ from ..core.errors import ConfigError, PeftkitError
 from ..core.layers import HF_CONV1D, LINEAR, call_with_weight, layer_info
 from ..core.registry import register
 from ..core.targets import ALL_LINEAR
-from ..quant.fakequant import (
+from .fakequant import (
     BITS,
     SCALE_INITS,
     fake_quant,
