@@ -23,9 +23,10 @@ train LoRA factors ``A ∈ R^{r×in}`` (Kaiming), ``B ∈ R^{out×r}`` (zeros) a
 
   so ``∂Ŵ/∂s = clamp(round(·))`` (``Φ0`` does not move with ``s``).
 
-``checkpoint=True`` recomputes ``Ŵ`` in the backward pass (LR-QAT's checkpointing): when the adapter
-runs alone on its layer, only the input and the small trained tensors are kept for backward
-instead of ``Ŵ`` and its intermediates.
+``Ŵ`` is one autograd node (:class:`~peftkit.methods.fakequant.QuantizedWeight`) that keeps no
+weight-sized tensor for backward (it recomputes ``u``; L4Q's memory-optimised backward); the layer's
+product keeps ``Ŵ`` for the input's gradient. ``checkpoint=True`` (LR-QAT's checkpointing) drops that
+too when the adapter runs alone on its layer: only the input is kept, ``Ŵ`` is formed again in backward.
 
 At initialisation (``B = 0``) the layer is **not** the base layer: it computes the fake-quantized
 base (round-to-nearest with the starting step sizes; for LR-QAT with ``Φ0``'s down-cast). That is
@@ -62,13 +63,11 @@ from ..core.targets import ALL_LINEAR
 from .fakequant import (
     BITS,
     SCALE_INITS,
-    fake_quant,
+    QuantizedWeight,
     grid,
     grouped,
     init_scale,
     lsq_grad_factor,
-    round_clip,
-    scale_grad,
     valid_group_sizes,
 )
 
@@ -129,8 +128,9 @@ class QATOptions(LowRankOptions):
 class QATLayer(AdapterModule):
     """The shared layer: ``lora_A`` ``(r, in)``, ``lora_B`` ``(out, r)``, ``scale`` ``(out, in/group)``.
 
-    Subclasses define :meth:`integer_domain` (``u`` grouped ``(out, G, g)``, the value rounded) and
-    whether ``u`` depends on the step size (L4Q) or not (LR-QAT).
+    Subclasses define :meth:`frozen` and :meth:`integer_domain` (``u`` grouped ``(out, G, g)``, the
+    value rounded) and whether ``u`` divides by the step size (L4Q) or not (LR-QAT); the layer is the
+    :class:`~peftkit.methods.fakequant.QATSpec` of :class:`~peftkit.methods.fakequant.QuantizedWeight`.
     """
 
     overrides_params = True
@@ -153,20 +153,20 @@ class QATLayer(AdapterModule):
         self.scale = nn.Parameter(init_scale(w0, self.group, config.bits, config.scale_init))
 
     # -- the quantized weight ------------------------------------------------------------
-    def integer_domain(self, base: nn.Module, s: torch.Tensor) -> torch.Tensor:
+    #: True for L4Q (``u = (W0 + c·B A)/s``), False for LR-QAT (``u = Φ0 + c·B A``)
+    divides_by_scale: bool = True
+
+    def frozen(self, base: nn.Module) -> torch.Tensor:
+        """The frozen tensor ``u`` is formed from (``W0``'s matrix view, or LR-QAT's ``Φ0`` codes)."""
         raise NotImplementedError
 
-    def step_sizes(self) -> torch.Tensor:
-        return scale_grad(self.scale, self.grad_factor) if self.grad_factor != 1.0 else self.scale
-
-    def low_rank(self) -> torch.Tensor:
-        """``c · B A`` as an ``(out, in/group, group)`` tensor."""
-        return grouped((self.lora_B @ self.lora_A) * self.scaling, self.group)
+    def integer_domain(self, frozen: torch.Tensor, low_rank: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``u`` grouped ``(out, G, g)`` (float32) from :meth:`frozen`, ``c·B A`` grouped and ``s``."""
+        raise NotImplementedError
 
     def quantized_matrix(self, base: nn.Module) -> torch.Tensor:
-        """``Ŵ`` as the float32 ``(out, in)`` matrix (differentiable in ``A``, ``B``, ``s``)."""
-        s = self.step_sizes()
-        return fake_quant(self.integer_domain(base, s), s, self.qmin, self.qmax).reshape(self.kind_out, self.kind_in)
+        """``Ŵ`` as the float32 ``(out, in)`` matrix (differentiable in ``A``, ``B``, ``s``; one autograd node)."""
+        return QuantizedWeight.apply(self.frozen(base), self.lora_A, self.lora_B, self.scale, self)
 
     def quantized_weight(self, base: nn.Module) -> torch.Tensor:
         """``Ŵ`` laid out like ``base.weight``, in the base's dtype (what the layer computes with)."""
@@ -175,7 +175,9 @@ class QATLayer(AdapterModule):
     @torch.no_grad()
     def integers(self, base: nn.Module) -> torch.Tensor:
         """The grid integers ``q`` ``(out, in)`` (int8) such that ``Ŵ = s · q``."""
-        q = round_clip(self.integer_domain(base, self.scale), self.qmin, self.qmax)
+        low_rank = grouped((self.lora_B @ self.lora_A) * self.scaling, self.group)
+        u = self.integer_domain(self.frozen(base), low_rank, self.scale)
+        q = torch.clamp(torch.round(u), self.qmin, self.qmax)
         return q.reshape(self.kind_out, self.kind_in).to(torch.int8)
 
     # -- forward --------------------------------------------------------------------------
@@ -228,9 +230,13 @@ class L4Q(QATOptions):
 class L4QLayer(QATLayer):
     """``u = (W0 + c·B A) / s``: the step size enters the rounded value, so ``s`` gets LSQ's gradient."""
 
-    def integer_domain(self, base: nn.Module, s: torch.Tensor) -> torch.Tensor:
-        w0 = grouped(self.matrix(base).to(self.lora_A.dtype), self.group)
-        return (w0 + self.low_rank()) / s.unsqueeze(-1)
+    divides_by_scale = True
+
+    def frozen(self, base: nn.Module) -> torch.Tensor:
+        return self.matrix(base)
+
+    def integer_domain(self, frozen: torch.Tensor, low_rank: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return (grouped(frozen.to(low_rank.dtype), self.group) + low_rank) / scale.unsqueeze(-1)
 
 
 # -- LR-QAT ----------------------------------------------------------------------------------------
@@ -281,12 +287,18 @@ class LRQATLayer(QATLayer):
         self.frac_bits = 0 if config.phi_format == "bf16" else phi_frac_bits(config.bits, config.phi_format)
         self.register_buffer("phi0", phi, persistent=False)
 
-    def phi(self) -> torch.Tensor:
-        """``Φ0`` as float32 ``(out, G, g)`` (the int8 codes divided by ``2^frac_bits``)."""
+    divides_by_scale = False
+
+    def frozen(self, base: nn.Module) -> torch.Tensor:
+        return self.phi0
+
+    def phi(self, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """``Φ0`` as float32 ``(out, G, g)`` (the int8 codes divided by ``2^frac_bits``, or the bf16 bits)."""
+        codes = self.phi0 if codes is None else codes
         if self.phi_format == "bf16":
-            return self.phi0.view(torch.bfloat16).float()
-        p = self.phi0.float()
+            return codes.view(torch.bfloat16).float()
+        p = codes.float()
         return p / 2 ** self.frac_bits if self.frac_bits else p
 
-    def integer_domain(self, base: nn.Module, s: torch.Tensor) -> torch.Tensor:
-        return self.phi().to(self.lora_A.dtype) + self.low_rank()
+    def integer_domain(self, frozen: torch.Tensor, low_rank: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.phi(frozen).to(low_rank.dtype) + low_rank
