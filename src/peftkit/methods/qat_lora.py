@@ -15,8 +15,9 @@ train LoRA factors ``A ∈ R^{r×in}`` (Kaiming), ``B ∈ R^{out×r}`` (zeros) a
   where clipped, scaled by ``1/√(N·qmax)``; ``N`` weights per step size).
 * **LR-QAT** (Bondarenko et al. 2024, arXiv:2406.06385): the frozen weight is kept in the integer
   domain, ``Φ0 = φ(W0 / s0)`` with ``s0`` the starting step sizes and ``φ`` a down-cast
-  (``phi_format``: ``"fixed"`` an int8 fixed-point number with ``8 − b`` fraction bits, the
-  paper's choice; ``"int"`` plain integers ``round(W0/s0)``; ``"bf16"``), and the low-rank update
+  (``phi_format``: ``"fixed"`` an int8 fixed-point number with ``8 − b`` fraction bits, one of the
+  paper's down-casts; ``"int"`` the integers ``round(W0/s0)``, one per byte (the paper packs two
+  4-bit integers per byte); ``"bf16"``), and the low-rank update
   is added *inside* the rounding, in grid units:
 
       Ŵ = s · clamp(round(Φ0 + c·B A), qmin, qmax)
