@@ -70,8 +70,13 @@ def round_to_nearest(model: torch.nn.Module, bits: int, group: int) -> torch.nn.
     return model
 
 
-def train(model: torch.nn.Module, data: list[dict[str, torch.Tensor]], lr: float, label: str) -> list[float]:
-    opt = torch.optim.AdamW(peftkit.adapter_parameters(model).values(), lr=lr)
+def train(model: torch.nn.Module, data: list[dict[str, torch.Tensor]], lr: float, label: str,
+          scale_lr: float | None = None) -> list[float]:
+    params = peftkit.adapter_parameters(model)
+    steps = [p for n, p in params.items() if n.endswith(".scale")]
+    rest = [p for n, p in params.items() if not n.endswith(".scale")]
+    groups = [{"params": rest, "lr": lr}] + ([{"params": steps, "lr": scale_lr or lr}] if steps else [])
+    opt = torch.optim.AdamW(groups, lr=lr)
     model.train()
     times = []
     for i, b in enumerate(data):
@@ -96,6 +101,11 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lrqat-lr", type=float, default=None,
+                    help="LR-QAT's learning rate (default --lr); its update is in grid units, so it wants a larger one")
+    ap.add_argument("--scale-lr", type=float, default=None,
+                    help="learning rate of the QAT step sizes (default: the side's own); Adam moves every step size "
+                         "by about lr per step, so step sizes of ~0.01 want a much smaller one")
     ap.add_argument("--sides", default="lora+rtn,l4q,lrqat")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -125,7 +135,8 @@ def main() -> None:
             peftkit.attach(model, cls(r=16, alpha=32, bits=args.bits, group_size=args.group_size,
                                       target_modules=BLOCK_LINEARS))
             res[f"{side}_init"] = eval_loss(model, held_out)
-            step_s[side] = statistics.median(train(model, train_data, args.lr, side))
+            lr = args.lrqat_lr if side == "lrqat" and args.lrqat_lr else args.lr
+            step_s[side] = statistics.median(train(model, train_data, lr, side, args.scale_lr))
             export_quantized(model)
             assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 7 * len(model.model.layers)
         else:
