@@ -9,6 +9,8 @@ sides, each trained ``--steps`` AdamW steps (lr ``--lr``) on the same GSM8K trai
 * ``l4q``: L4Q (LoRA + LSQ step sizes, quantized in the forward), exported to integers;
 * ``lrqat``: LR-QAT (Φ0 in int8 fixed point), exported to integers.
 
+The QAT step sizes train at ``--scale-lr`` (default ``lr / 100``, as :func:`peftkit.qat_param_groups`).
+
 Printed: the mean LM loss on ``--eval-batches`` held-out batches (GSM8K test) of the float32 base,
 of the base quantized by round-to-nearest, of the LoRA before quantization and of each quantized
 side, the ratios against ``lora+rtn``, and the median step time of each side (informational: a
@@ -75,7 +77,7 @@ def train(model: torch.nn.Module, data: list[dict[str, torch.Tensor]], lr: float
     params = peftkit.adapter_parameters(model)
     steps = [p for n, p in params.items() if n.endswith(".scale")]
     rest = [p for n, p in params.items() if not n.endswith(".scale")]
-    groups = [{"params": rest, "lr": lr}] + ([{"params": steps, "lr": scale_lr or lr}] if steps else [])
+    groups = [{"params": rest, "lr": lr}] + ([{"params": steps, "lr": scale_lr or lr / 100}] if steps else [])
     opt = torch.optim.AdamW(groups, lr=lr)
     model.train()
     times = []
@@ -104,8 +106,8 @@ def main() -> None:
     ap.add_argument("--lrqat-lr", type=float, default=None,
                     help="LR-QAT's learning rate (default --lr); its update is in grid units, so it wants a larger one")
     ap.add_argument("--scale-lr", type=float, default=None,
-                    help="learning rate of the QAT step sizes (default: the side's own); Adam moves every step size "
-                         "by about lr per step, so step sizes of ~0.01 want a much smaller one")
+                    help="learning rate of the QAT step sizes (default: the side's lr / 100, as peftkit.qat_param_groups); "
+                         "Adam moves every step size by about lr per step, and they are ~0.01")
     ap.add_argument("--sides", default="lora+rtn,l4q,lrqat")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

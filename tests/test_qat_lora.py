@@ -350,3 +350,15 @@ def test_export_of_a_bfloat16_model_reproduces_its_forward(method):
     y = out(model(**inputs)).detach()
     export_quantized(model)
     assert torch.equal(out(model(**inputs)).detach(), y)
+
+
+def test_qat_param_groups_put_step_sizes_apart():
+    model, _, _ = tiny_llama()
+    peftkit.attach(model, L4Q(r=4, target_modules=["q_proj", "v_proj"]))
+    rest, steps = peftkit.qat_param_groups(model, lr=1e-3)
+    assert steps["lr"] == pytest.approx(1e-5) and rest["lr"] == 1e-3
+    assert len(steps["params"]) == 4 and len(rest["params"]) == 8
+    assert all(p.dim() == 2 and p.shape[1] == 1 for p in steps["params"])  # one step size per output channel
+    assert peftkit.qat_param_groups(model, lr=1e-3, scale_lr=2e-6)[1]["lr"] == 2e-6
+    with pytest.raises(ConfigError, match="no trainable L4Q/LR-QAT step sizes"):
+        peftkit.qat_param_groups(tiny_llama()[0], lr=1e-3)

@@ -52,7 +52,7 @@ from .methods.oft import OFT
 from .methods.parallel_adapter import MAM
 from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
-from .methods.qat_lora import L4Q, LRQAT
+from .methods.qat_lora import L4Q, LRQAT, qat_param_groups
 from .methods.selection import BitFit, LayerNormTuning
 from .methods.sparse import SparseFT, fish_scores
 from .methods.ssf import SSF
@@ -119,6 +119,7 @@ __all__ = [
     "merge_checkpoints",
     "method_table",
     "mixed_batch",
+    "qat_param_groups",
     "read_adapters",
     "register",
     "regularization_loss",

@@ -303,3 +303,26 @@ class LRQATLayer(QATLayer):
 
     def integer_domain(self, frozen: torch.Tensor, low_rank: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return self.phi(frozen).to(low_rank.dtype) + low_rank
+
+
+def qat_param_groups(model: nn.Module, lr: float, scale_lr: float | None = None,
+                     name: str | None = None) -> list[dict[str, Any]]:
+    """Optimizer groups for L4Q / LR-QAT: the step sizes ``scale`` at ``scale_lr`` (default ``lr / 100``),
+    every other trainable adapter parameter at ``lr``.
+
+    Adam-type optimizers move each parameter by about ``lr`` per step whatever its gradient's size;
+    step sizes are of the order of ``max|W| / qmax`` (about 0.01 for SmolLM2 at 4 bits), so sharing
+    LoRA's learning rate changes them by a large fraction at every step. ``benchmarks/qat_lora.py``
+    measured LR-QAT at 2.98 (shared lr 1e-3) vs 2.71 (step sizes at 1e-5) held-out loss after 10 steps.
+    """
+    from ..core.api import adapter_parameters
+
+    if not lr > 0 or (scale_lr is not None and not scale_lr > 0):
+        raise ConfigError(f"qat_param_groups: learning rates must be positive, got lr={lr}, scale_lr={scale_lr}")
+    params = {n: p for n, p in adapter_parameters(model, name).items() if p.requires_grad}
+    scales = [p for n, p in params.items() if n.endswith(".scale")]
+    if not scales:
+        raise ConfigError("qat_param_groups: no trainable L4Q/LR-QAT step sizes in the model "
+                          f"{'for adapter ' + repr(name) if name else ''}; attach peftkit.L4Q or peftkit.LRQAT first")
+    rest = [p for n, p in params.items() if not n.endswith(".scale")]
+    return [{"params": rest, "lr": lr}, {"params": scales, "lr": lr / 100 if scale_lr is None else scale_lr}]
