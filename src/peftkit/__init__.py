@@ -63,6 +63,7 @@ from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
 from .methods.rosa import RoSA
 from .methods.sara import SaRA
+from .methods.qat_lora import L4Q, LRQAT, qat_param_groups
 from .methods.selection import BitFit, LayerNormTuning
 from .methods.sorsa import SORSA
 from .methods.sparse import SparseFT, fish_scores
@@ -75,6 +76,8 @@ __all__ = [
     "BOFT",
     "HFT",
     "IA3",
+    "L4Q",
+    "LRQAT",
     "MAM",
     "MEFT",
     "METHODS",
@@ -145,6 +148,7 @@ __all__ = [
     "merge_checkpoints",
     "method_table",
     "mixed_batch",
+    "qat_param_groups",
     "read_adapters",
     "register",
     "regularization_loss",

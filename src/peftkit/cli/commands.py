@@ -328,10 +328,11 @@ def export(args: argparse.Namespace, extra: list[str]) -> int:
     from ..io import save
     from .info import adapter_root, describe
 
-    if args.format not in ("hf", "peftkit"):
+    if args.format not in ("hf", "peftkit", "int"):
         from ..core.errors import did_you_mean
 
-        raise ConfigError(f"--format {args.format!r}{did_you_mean(args.format, ['hf', 'peftkit'])}: use hf or peftkit")
+        raise ConfigError(f"--format {args.format!r}{did_you_mean(args.format, ['hf', 'peftkit', 'int'])}: "
+                          "use hf, peftkit or int (l4q/lrqat adapters: the integer layers)")
     d = adapter_root(Path(args.adapter))
     out = Path(args.out)
     if out.resolve() == d.resolve():
@@ -346,6 +347,12 @@ def export(args: argparse.Namespace, extra: list[str]) -> int:
     if info.get("method") == "full" or describe(d) is None:
         raise ConfigError(f"{d} holds no adapter to export (a --method full output is a whole model)")
     model, _ = tasks.load_adapted(d, info, args.model)
+    if args.format == "int":  # quantization-aware adapters: integers + step sizes, no adapter branch
+        from ..quant.export import export_quantized, save_quantized
+
+        save_quantized(export_quantized(model), out)
+        print(f"integer layers written to {out} (peftkit.quant.load_quantized(base_model, '{out}') puts them back)")
+        return 0
     save(model, out, format=args.format)
     print(f"{args.format} adapter written to {out}")
     if (d / "extra.safetensors").is_file():

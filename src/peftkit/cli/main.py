@@ -6,6 +6,7 @@
     peftkit generate --adapter out/adapter --prompt "Reverse: red cat"
     peftkit info out/adapter
     peftkit export out/adapter --format hf out/adapter-hf
+    peftkit export out/adapter --format int out/int4     (l4q/lrqat: integers + step sizes)
     peftkit demo
     peftkit serve --model smollm2-135m --adapters out/a out/b --max-adapters 8 --port 8000
 
@@ -105,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", allow_abbrev=False, help="write an adapter in another format (hf: peft's directory format)")
     x.add_argument("adapter", help="adapter directory written by `peftkit train` (its base model is recorded there)")
-    x.add_argument("--format", default="hf", help="hf (adapter_config.json + adapter_model.safetensors; the default) "
-                                                   "or peftkit")
+    x.add_argument("--format", default="hf", help="hf (adapter_config.json + adapter_model.safetensors; the default), "
+                                                   "peftkit, or int (an l4q/lrqat adapter as integer layers)")
     x.add_argument("--model", help="base model (default: the one recorded with the adapter)")
     x.add_argument("out", help="the output directory")
     x.set_defaults(func=commands.export)
