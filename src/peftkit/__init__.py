@@ -40,8 +40,8 @@ from .merging import extract_lora, learn_coefficients, merge_adapters, merge_che
 from .methods.adalora import AdaLoRA
 from .methods.boft import BOFT
 from .methods.bottleneck import Bottleneck
-from .methods.corda import CorDA, corda_calibrate
 from .methods.chain_lora import ChainLoRA
+from .methods.corda import CorDA, corda_calibrate
 from .methods.dept import DePT, dept_param_groups
 from .methods.dora import DoRA
 from .methods.dylora import DyLoRA
@@ -52,8 +52,8 @@ from .methods.kradapter import KRAdapter
 from .methods.loha import LoHa
 from .methods.lokr import LoKr
 from .methods.lora import LoRA, lora_plus_param_groups
-from .methods.molora import MoLoRA
 from .methods.meft import MEFT
+from .methods.molora import MoLoRA
 from .methods.nola import NOLA
 from .methods.oft import OFT
 from .methods.paca import PaCA
@@ -61,9 +61,9 @@ from .methods.parallel_adapter import MAM
 from .methods.poly import Poly
 from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
+from .methods.qat_lora import L4Q, LRQAT, qat_param_groups
 from .methods.rosa import RoSA
 from .methods.sara import SaRA
-from .methods.qat_lora import L4Q, LRQAT, qat_param_groups
 from .methods.selection import BitFit, LayerNormTuning
 from .methods.sorsa import SORSA
 from .methods.sparse import SparseFT, fish_scores
@@ -112,8 +112,8 @@ __all__ = [
     "Poly",
     "PrefixTuning",
     "PromptTuning",
-    "SVFit",
     "RoSA",
+    "SVFit",
     "SaRA",
     "SpIEL",
     "SparseFT",
