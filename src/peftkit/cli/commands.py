@@ -135,7 +135,7 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     full = s["method"] == "full"  # full fine-tuning, for comparison: every parameter trains, no adapter
     if full and method_opts:
         raise ConfigError(f"--method full takes no method options (got --{next(iter(method_opts)).replace('_', '-')})")
-    config = None if full else build_config(s["method"], method_opts)  # validated before anything heavy
+    config = None if full else build_config(s["method"], method_opts, s.get("max_steps"))  # validated first
     if s.get("quantize"):
         from ..quant.schemes import get_scheme
 

@@ -108,7 +108,9 @@ def _convert(cls: type[AdapterConfig], name: str, raw: Any) -> Any:
         raise ConfigError(f"--{name.replace('_', '-')}: {raw!r} is not a valid {kind}") from None
 
 
-def build_config(method: str, options: dict[str, Any]) -> AdapterConfig:
+def build_config(method: str, options: dict[str, Any], total_steps: int | None = None) -> AdapterConfig:
+    """The method's config from CLI options; ``total_steps`` (the run's ``--max-steps``) fills a schedule's
+    ``total_step`` (AdaLoRA, IncreLoRA) when the options leave it out."""
     cls = get_method(method)
     values: dict[str, Any] = {}
     for k, v in options.items():
@@ -116,6 +118,8 @@ def build_config(method: str, options: dict[str, Any]) -> AdapterConfig:
         if name in values:
             raise ConfigError(f"--{name.replace('_', '-')} is given twice (as --{k.replace('_', '-')} too)")
         values[name] = convert(cls, name, v)
+    if "total_step" in {f.name for f in dataclasses.fields(cls)} and values.get("total_step") is None and total_steps:
+        values["total_step"] = int(total_steps)
     config = cls(**values)
     config.validate()
     return config
