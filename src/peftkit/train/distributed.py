@@ -24,6 +24,7 @@ Choices:
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,8 +69,15 @@ def setup(model: nn.Module) -> DistInfo:
             torch.cuda.set_device(local)
             model.to(torch.device("cuda", local))
         dist.init_process_group(backend="nccl" if on_gpu else "gloo")
+        atexit.register(_shutdown)  # a group left alive at exit can abort the process ("terminate called ...")
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
     return info
+
+
+def _shutdown() -> None:
+    """Destroy the process group this module created, once, at interpreter exit."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
