@@ -141,15 +141,16 @@ class VeRALayer(AdapterModule):
         return a * d.unsqueeze(1), bb * b.unsqueeze(1)
 
     def adapt_output(self, x: torch.Tensor, y: torch.Tensor, base_out: Any, site: Any) -> torch.Tensor:
-        da, bb = self.factors()
+        # the vectors scale activations, never the bases: backward then needs no r×in / out×r weight gradient,
+        # only the token-wise sums that give d and b their gradients
+        d, b = self.vera_lambda_d, self.vera_lambda_b
+        a = self.shared.vera_A[:, : self.in_features].to(d.dtype)
+        bb = self.shared.vera_B[: self.out_features, :].to(b.dtype)
         x = self.dropout(x)
-        if x.dtype != da.dtype:
-            x = x.to(da.dtype)
-        h = F.linear(x, da)
-        if y.dtype != h.dtype:
-            return y + F.linear(h, bb).to(y.dtype)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), bb.t())
-        return out.view(y.shape)
+        if x.dtype != d.dtype:
+            x = x.to(d.dtype)
+        delta = F.linear(F.linear(x, a) * d, bb) * b
+        return y + (delta if delta.dtype == y.dtype else delta.to(y.dtype))
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         da, bb = self.factors()
