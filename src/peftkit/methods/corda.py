@@ -169,7 +169,7 @@ class CorDALayer(LoRALayer):
         self.optional_state = ()  # the starting factors cannot be recomputed without the data
 
     @torch.no_grad()
-    def _init(self, config: Any, base: nn.Module) -> None:
+    def _init(self, config: Any, base: nn.Module, module_name: str = "") -> None:
         """No LoRA initialisation: the factors are set from the covariance SVD (or a file) right after."""
         nn.init.zeros_(self.lora_A)
 
