@@ -261,15 +261,23 @@ def mixed_batch(model: nn.Module, names_per_row: Sequence[str | None]) -> Iterat
     if bad:
         raise ConfigError(f"mixed_batch: row entries must be adapter names or None, got {bad[0]!r}")
     used = sorted({n for n in rows if n is not None})
-    check_names(model, used)
+    # one walk over the model (this runs before every forward of a serving engine's decode step)
+    sites = [m for m in model.modules() if isinstance(m, AdapterSite)]
+    known = {n for s in sites for n in s.adapters}
     for n in used:
-        for path, _site, mod in adapter_modules(model, n):
-            if not mod.supports_mixed_batch:
+        if n not in known:
+            raise unknown_adapter(model, n)
+    for site in sites:
+        own = site.adapters._modules
+        for n in used:
+            mod = own.get(n)
+            if mod is not None and not mod.supports_mixed_batch:
+                path = next(p for p, s in iter_sites(model) if s is site)
                 raise PeftkitError(
                     f"adapter {n!r} ({mod.config.method}, at {path}) cannot be used in a mixed batch: "
                     "its rows cannot share a batch with other adapters' rows"
                 )
-    merged = sorted({m for _, s in iter_sites(model) for m in s.merged})
+    merged = sorted({m for s in sites for m in s.merged})
     if merged:
         raise PeftkitError(f"mixed_batch: adapter(s) {', '.join(map(repr, merged))} are merged into the weights, so "
                            "every row would get them; call peftkit.unmerge(model) first")
@@ -278,8 +286,7 @@ def mixed_batch(model: nn.Module, names_per_row: Sequence[str | None]) -> Iterat
     for i, n in enumerate(rows):
         index.setdefault(n, []).append(i)
     groups = {n: torch.tensor(ix, dtype=torch.long, device=device) for n, ix in index.items()}
-    sites = frozenset(id(s) for _, s in iter_sites(model))
-    token = ROW_GROUPS.set(RowGroups(rows, groups, sites))
+    token = ROW_GROUPS.set(RowGroups(rows, groups, frozenset(id(s) for s in sites)))
     try:
         yield model
     finally:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,8 @@ class RowGroups:
     names_per_row: list[str | None]
     groups: dict[str | None, torch.Tensor]
     sites: frozenset[int]
+    #: per-block values that every site would otherwise recompute (e.g. LoRA's row slots)
+    memo: dict = field(default_factory=dict, compare=False)
 
 
 #: set by ``peftkit.mixed_batch`` for the block's duration (per thread / async task)
@@ -151,7 +153,8 @@ class AdapterSite(nn.Module):
             raise PeftkitError(
                 f"mixed_batch was given {len(names_per_row)} adapter names but the batch has {x.shape[0]} rows"
             )
-        present = {n: self.adapters[n] for n in groups if n is not None and n in self.adapters and n not in self.merged}
+        own, merged = self._modules["adapters"]._modules, self.merged
+        present = {n: own[n] for n in groups if n is not None and n in own and n not in merged}
         if not present:
             return self.base(*args, **kwargs)
         mods = list(present.values())

@@ -306,34 +306,50 @@ class LoRALayer(AdapterModule):
     @classmethod
     def gathered_output(cls, site: Any, names_per_row: list[str | None], x: torch.Tensor,
                         base_out: torch.Tensor) -> torch.Tensor | None:
-        """``y_i = base_i + s_{a(i)} B_{a(i)} A_{a(i)} x_i`` for all rows at once (None: no change).
+        """``y_i = base_i + s_{a(i)} B_{a(i)} A_{a(i)} x_i`` for all rows at once (None: not applicable).
 
-        The factors of the adapters in the batch are stacked and gathered per row, so the whole
-        batch costs two batched matrix products whatever the number of adapters.
+        Two batched products over the stacked factors, whatever the number of adapters
+        (:mod:`peftkit.methods.lora_gather`; ranks may differ, the stacks are cached for inference).
         """
-        names = [n for n in dict.fromkeys(names_per_row) if n is not None]
-        mods = [site.adapters[n] for n in names]
-        ranks = {m.r for m in mods}
-        if len(ranks) != 1 or mods[0].kind not in (LINEAR, HF_CONV1D) or not isinstance(base_out, torch.Tensor):
+        from ..core.site import ROW_GROUPS
+        from .lora_gather import build_stack, cached_stack, gathered_lora, slots
+
+        if not isinstance(base_out, torch.Tensor):
             return None
-        if any(m.training and not isinstance(m.dropout, nn.Identity) for m in mods):
+        rg = ROW_GROUPS.get()
+        memo = rg.memo if rg is not None else {}
+        wanted = memo.get("wanted")
+        if wanted is None:
+            wanted = memo["wanted"] = [n for n in dict.fromkeys(names_per_row) if n is not None]
+        if not wanted:
             return None
-        lookup = {n: i + 1 for i, n in enumerate(names)}
-        ids = torch.tensor([lookup.get(n, 0) for n in names_per_row], device=x.device)
-        ref = mods[0].lora_A
-        zero_a = ref.new_zeros((1, *ref.shape))
-        zero_b = mods[0].lora_B.new_zeros((1, *mods[0].lora_B.shape))
-        a_stack = torch.cat([zero_a, torch.stack([m.lora_A for m in mods])])
-        b_stack = torch.cat([zero_b, torch.stack([m.lora_B * m.scaling for m in mods])])
-        rows = x.shape[0]
-        xr = x.reshape(rows, -1, x.shape[-1]).to(ref.dtype)
-        h = torch.bmm(xr, a_stack[ids].transpose(1, 2))
-        yr = base_out.reshape(rows, -1, base_out.shape[-1])
-        if yr.dtype == ref.dtype:
-            out = torch.baddbmm(yr, h, b_stack[ids].transpose(1, 2))
-        else:
-            out = yr + torch.bmm(h, b_stack[ids].transpose(1, 2)).to(yr.dtype)
-        return out.reshape(base_out.shape)
+        ref = site.adapters[wanted[0]]
+        dtype, device = ref.lora_A.dtype, ref.lora_A.device
+
+        def fits(m: Any) -> bool:
+            return (type(m) is cls and m.kind in (LINEAR, HF_CONV1D) and m.lora_A.dtype == dtype
+                    and m.lora_A.device == device and m.lora_B.dtype == dtype)
+
+        def dropping(m: Any) -> bool:
+            return m.training and not isinstance(m.dropout, nn.Identity)
+
+        if not fits(ref):
+            return None
+
+        grad = torch.is_grad_enabled() and any(p.requires_grad for n in wanted for p in site.adapters[n].parameters())
+        if grad:  # gradients reach the factors through a stack built for this call
+            mods = {n: site.adapters[n] for n in wanted}
+            if not all(fits(m) and not dropping(m) for m in mods.values()):
+                return None
+            stack = build_stack(mods)
+        else:  # inference: every fitting adapter of the site, cached while the site's adapters are unchanged
+            stack = cached_stack(site, lambda: build_stack(
+                {n: m for n, m in site.adapters.items() if n not in site.merged and fits(m)}))
+            index = set(stack.names)
+            if any(n not in index or dropping(site.adapters[n]) for n in wanted):
+                return None
+        ids = slots(stack, names_per_row, memo, x.device)
+        return gathered_lora(stack, ids, x, base_out)
 
 
 def _add_scaled(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:

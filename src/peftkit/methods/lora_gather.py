@@ -1,0 +1,99 @@
+"""Mixed batches of LoRA adapters in two batched products: ``y_i = base_i + s_{a(i)} B_{a(i)} A_{a(i)} x_i``.
+
+The factors of the adapters on one site are stacked once, ``𝔸 = [0, A_1, ..., A_n]`` of shape
+``(n+1, r_max, in)`` and ``𝔹 = [0, s_1 B_1, ..., s_n B_n]`` of shape ``(n+1, out, r_max)`` (ranks
+below ``r_max`` padded with zero rows/columns, which add exact zeros; slot 0 serves rows without an
+adapter). Row ``i`` of the batch gathers its adapter's slot ``k(i)``, and the whole batch costs
+
+    h = bmm(x, 𝔸[k]ᵀ)            (rows, tokens, r_max)
+    y = baddbmm(base, h, 𝔹[k]ᵀ)   (rows, tokens, out)
+
+whatever the number of adapters: no loop over rows or adapters. For inference (no gradient needed)
+the stacks are cached on the site and rebuilt only when its adapters change (loaded, deleted, or a
+factor written in place: the tensors' version counters are part of the cache key); the slot index
+of each row is computed once per ``mixed_batch`` block for all sites that share the same adapters.
+While gradients flow into the factors the stacks are built per call, so autograd reaches them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class FactorStack:
+    """The stacked factors of some LoRA layers of one site, and what they were built from."""
+
+    names: tuple[str, ...]
+    a: torch.Tensor  # (n+1, r_max, in)
+    b: torch.Tensor  # (n+1, out, r_max), scaling folded in
+    site_modules: tuple = ()  # every adapter module of the site when built (identity)
+    parts: tuple = ()  # per stacked layer: (module, A, A's version, B, B's version, scaling)
+
+    def still_valid(self, site: Any) -> bool:
+        if tuple(site.adapters._modules.values()) != self.site_modules:
+            return False
+        for m, a, va, b, vb, s in self.parts:
+            p = m._parameters
+            if p["lora_A"] is not a or p["lora_B"] is not b or a._version != va or b._version != vb or m.scaling != s:
+                return False
+        return True
+
+
+def build_stack(mods: dict[str, Any]) -> FactorStack:
+    """Stack ``mods`` (name → LoRA layer; same dtype and device) into ``(n+1, ...)`` factor tensors."""
+    r_max = max(m.r for m in mods.values())
+    ref = next(iter(mods.values()))
+    a_parts = [ref.lora_A.new_zeros((r_max, ref.lora_A.shape[1]))]
+    b_parts = [ref.lora_B.new_zeros((ref.lora_B.shape[0], r_max))]
+    for m in mods.values():
+        pad = r_max - m.r
+        a_parts.append(F.pad(m.lora_A, (0, 0, 0, pad)) if pad else m.lora_A)
+        b = m.lora_B * m.scaling
+        b_parts.append(F.pad(b, (0, pad)) if pad else b)
+    parts = tuple((m, m.lora_A, m.lora_A._version, m.lora_B, m.lora_B._version, m.scaling) for m in mods.values())
+    return FactorStack(tuple(mods), torch.stack(a_parts), torch.stack(b_parts), parts=parts)
+
+
+def cached_stack(site: Any, build: Any) -> FactorStack:
+    """The site's cached stack for inference, rebuilt by ``build()`` when the site's adapters changed."""
+    cached: FactorStack | None = site.__dict__.get("_lora_factor_stack")
+    if cached is None or not cached.still_valid(site):
+        with torch.no_grad():
+            cached = build()
+        cached.site_modules = tuple(site.adapters._modules.values())
+        site.__dict__["_lora_factor_stack"] = cached  # a plain attribute: not a buffer, never saved
+    return cached
+
+
+def slots(stack: FactorStack, names_per_row: list[str | None], memo: dict | None,
+          device: torch.device) -> torch.Tensor:
+    """Each row's slot in ``stack`` (0: no adapter of this site); shared by every site with the same names."""
+    key = ("lora_slots", stack.names, device)
+    if memo is not None and key in memo:
+        return memo[key]
+    lookup = {n: i + 1 for i, n in enumerate(stack.names)}
+    ids = torch.tensor([lookup.get(n, 0) for n in names_per_row], dtype=torch.long, device=device)
+    if memo is not None:
+        memo[key] = ids
+    return ids
+
+
+def gathered_lora(stack: FactorStack, ids: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    rows = x.shape[0]
+    a, b = stack.a, stack.b
+    xr = x.reshape(rows, -1, x.shape[-1])
+    if xr.dtype != a.dtype:
+        xr = xr.to(a.dtype)
+    h = torch.bmm(xr, a.index_select(0, ids).transpose(1, 2))
+    yr = base_out.reshape(rows, -1, base_out.shape[-1])
+    bt = b.index_select(0, ids).transpose(1, 2)
+    if yr.dtype == a.dtype:
+        out = torch.baddbmm(yr, h, bt)
+    else:
+        out = yr + torch.bmm(h, bt).to(yr.dtype)
+    return out.reshape(base_out.shape)
