@@ -243,7 +243,7 @@ def create_app(engine: Worker, limits: Limits | None = None, model_name: str = "
                     finished[i] = ev
                     yield chunk([choice(i, None if chat else "", ev.reason)])
                 elif isinstance(ev, Failed):
-                    metrics.request(endpoint, "server_error" if ev.status >= 500 else "client_error")
+                    metrics.request(endpoint, _outcome(ev.status))
                     yield b"data: " + json.dumps(ApiError(ev.status, ev.message, ev.param).body()).encode() + b"\n\n"
                     yield b"data: [DONE]\n\n"
                     return
@@ -260,7 +260,7 @@ def create_app(engine: Worker, limits: Limits | None = None, model_name: str = "
         try:
             return await handler(await read_body(request))
         except ApiError as e:
-            metrics.request(endpoint, "client_error" if e.status < 500 else "server_error")
+            metrics.request(endpoint, _outcome(e.status))
             return error_response(e)
 
     async def encode(endpoint: str, http_request: Request, body: bytes) -> Any:
@@ -408,6 +408,11 @@ def create_app(engine: Worker, limits: Limits | None = None, model_name: str = "
         return PlainTextResponse(metrics.render(gauges, counters), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _outcome(status: int) -> str:
+    """The ``outcome`` label of ``peftkit_requests_total`` for an error status (429: the queue was full)."""
+    return "rate_limited" if status == 429 else "client_error" if status < 500 else "server_error"
 
 
 def _usage(done: Any) -> dict[str, int]:

@@ -50,6 +50,8 @@ class Worker:
                  max_waiting: int = 1024, metrics: Metrics | None = None) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
+        if max_waiting < 1:
+            raise ConfigError(f"max_waiting must be at least 1, got {max_waiting}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.table = table
