@@ -226,10 +226,13 @@ def test_client_disconnect_mid_stream_cancels_the_request(server):
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy(tok, dirs, "a0", 4)
 
 
-def test_max_waiting_is_validated():
+def test_max_waiting_is_validated(capsys):
+    from peftkit.cli.main import main
     from peftkit.core.errors import ConfigError
     from peftkit.serve import AdapterTable, Engine
 
     model, tok = tiny_lm()
     with pytest.raises(ConfigError, match="max_waiting must be at least 1, got 0"):
         Engine(model, tok, AdapterTable(model, 1), max_waiting=0)
+    assert main(["serve", "--model", "smollm2-135m", "--max-waiting", "0"]) == 2  # before any model is loaded
+    assert "--max-waiting must be at least 1, got 0" in capsys.readouterr().err
