@@ -176,6 +176,31 @@ def test_delete_while_a_request_for_it_waits_is_409(server):
     assert h.delete("/v1/adapters/queued").status_code == 200
 
 
+def test_request_for_an_adapter_deleted_before_it_was_admitted_is_404(server):
+    """The request was checked against the known adapters, but the delete reached the engine first."""
+    url, engine = server[:2]
+    h = httpx.Client(base_url=url, timeout=60)
+    assert h.post("/v1/adapters", json={"name": "gone", "path": "extra"}).status_code == 201
+    gate = threading.Event()
+    paused = engine.call(gate.wait)
+    try:
+        with cf.ThreadPoolExecutor(2) as pool:
+            deleting = pool.submit(h.delete, "/v1/adapters/gone")
+            wait_until(lambda: engine.inbox.qsize() == 1, "the delete is queued")
+            asking = pool.submit(complete, url, "gone", 3)
+            wait_until(lambda: engine.inbox.qsize() == 2, "the request is queued behind the delete")
+            gate.set()
+            paused.result(30)
+            assert deleting.result(60).status_code == 200  # nothing for it was running or waiting yet
+            r = asking.result(60)
+    finally:
+        gate.set()
+    assert r.status_code == 404, r.text
+    err = r.json()["error"]
+    assert err["code"] == "model_not_found" and err["param"] == "model" and "'gone'" in err["message"]
+    assert engine.queue_length == 0 and complete(url, "a0", 2).status_code == 200
+
+
 def test_request_for_an_evicted_adapter_waits_for_the_busy_one_and_is_served(server):
     url, engine, tok, dirs = server
     assert complete(url, "a0", 1).status_code == 200  # a0 is the one adapter in memory
