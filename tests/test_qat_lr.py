@@ -122,3 +122,13 @@ def test_qat_param_groups_defaults_to_the_configured_rate():
         (1e-3, 12), (7e-7, 6)]  # an explicit rate wins
     assert [(g["lr"], len(g["params"])) for g in peftkit.qat_param_groups(model, lr=1e-3, name="a")] == [
         (1e-3, 8), (3e-6, 4)]
+
+
+def test_loraplus_and_scale_lr_are_not_combined_silently(tmp_path):
+    from peftkit.train import TrainConfig, train
+
+    model, inputs, _ = tiny_llama()
+    peftkit.attach(model, L4Q(r=4, target_modules=TARGETS, scale_lr=1e-5))
+    with pytest.raises(ConfigError, match=r"loraplus_ratio .* L4Q/LR-QAT scale_lr"):
+        train(model, TrainConfig(output=str(tmp_path / "run"), max_steps=1, batch_size=2, loraplus_ratio=16.0,
+                                 progress=False), examples(inputs), collate=collate)
