@@ -10,7 +10,9 @@ on the model that blocks on an Event), and the tests poll engine state with a de
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -249,6 +251,25 @@ def test_client_disconnect_mid_stream_cancels_the_request(server):
     assert metric(url, "peftkit_generation_tokens_total") - generated < n
     r = complete(url, "a0", 4)  # the server keeps serving
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy(tok, dirs, "a0", 4)
+
+
+def test_client_disconnect_during_a_plain_request_cancels_it(server):
+    """A non-streamed request notices the closed connection within a second (it polls) and cancels."""
+    url, engine, tok, dirs = server
+    greedy(tok, dirs, "a0", 60)
+    body = json.dumps({"model": "a0", "prompt": PROMPT, "max_tokens": 60, "temperature": 0}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    host, port = url.removeprefix("http://").split(":")
+    with PauseInForward(engine, lambda: "a0" in engine.busy()) as pause:
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(head + body)
+            pause.wait()
+            row = engine.running[0]
+        wait_until(lambda: row.cancelled, "the server cancels the request of the closed connection")
+    wait_until(lambda: engine.running_rows == 0, "the cancelled row leaves the batch")
+    assert len(row.tokens) < 60
+    assert complete(url, "a0", 3).status_code == 200
 
 
 def test_max_waiting_is_validated(capsys):
