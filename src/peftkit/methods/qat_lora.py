@@ -48,6 +48,7 @@ weight has no meaning): activating two at once raises an error naming both.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +83,9 @@ class QATOptions(LowRankOptions):
     ``bits`` (2, 3, 4 or 8) the signed integer grid; ``group_size`` the inputs sharing one step
     size (0: one per output channel); ``scale_init`` ``"absmax"`` (round-to-nearest at step 0) or
     ``"lsq"``; ``lsq_grad_scale`` scales the step-size gradient by ``1/√(N·qmax)``;
-    ``checkpoint`` recomputes the quantized weight in backward.
+    ``checkpoint`` recomputes the quantized weight in backward; ``scale_lr`` the step sizes' learning
+    rate in ``peftkit.train`` / ``peftkit train --scale-lr`` (through the :meth:`param_groups` hook;
+    None: the run's rate, like ``A`` and ``B``).
     """
 
     supported_layers = (LINEAR, HF_CONV1D)
@@ -96,10 +99,15 @@ class QATOptions(LowRankOptions):
     scale_init: str = "absmax"
     lsq_grad_scale: bool = True
     checkpoint: bool = False
+    scale_lr: float | None = None
 
     def validate(self) -> None:
         super().validate()
         owner = type(self).__name__
+        v = self.scale_lr
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            raise ConfigError(f"{owner}: scale_lr must be a positive number (the step sizes' learning rate; "
+                              f"benchmarks/qat_lora.py found the run's lr / 100 best) or None (the run's lr), got {v!r}")
         if self.bits not in BITS:
             raise ConfigError(f"{owner}: bits={self.bits!r} is not supported; choose one of "
                               f"{', '.join(map(str, BITS))} (closest: {min(BITS, key=lambda b: abs(b - self.bits))})")
@@ -107,6 +115,15 @@ class QATOptions(LowRankOptions):
             raise ConfigError(f"{owner}: group_size must be 0 (one step size per output channel) or positive, "
                               f"got {self.group_size}")
         one_of(owner, "scale_init", self.scale_init, SCALE_INITS)
+
+    def param_groups(self, modules: dict[str, Any], lr: float) -> list[dict[str, Any]]:
+        """The training loop's optimizer groups (:func:`peftkit.core.hooks.param_groups`): ``A`` and ``B``
+        at the run's ``lr``, the step sizes ``scale`` at ``scale_lr``; none apart when ``scale_lr`` is None."""
+        if self.scale_lr is None:
+            return []
+        scales = [m.scale for m in modules.values()]
+        rest = [p for m in modules.values() for n, p in m.named_parameters() if n != "scale"]
+        return [{"params": rest, "lr": lr}, {"params": scales, "lr": float(self.scale_lr)}]
 
     def check_layer(self, base: nn.Module, module_name: str) -> str | None:
         reason = super().check_layer(base, module_name)
@@ -307,8 +324,9 @@ class LRQATLayer(QATLayer):
 
 def qat_param_groups(model: nn.Module, lr: float, scale_lr: float | None = None,
                      name: str | None = None) -> list[dict[str, Any]]:
-    """Optimizer groups for L4Q / LR-QAT: the step sizes ``scale`` at ``scale_lr`` (default ``lr / 100``),
-    every other trainable adapter parameter at ``lr``.
+    """Optimizer groups for L4Q / LR-QAT: the step sizes ``scale`` at ``scale_lr`` (default: the adapter
+    config's ``scale_lr`` when set, else ``lr / 100``), every other trainable adapter parameter at ``lr``.
+    One group of step sizes per distinct rate, after the group of the other parameters.
 
     Adam-type optimizers move each parameter by about ``lr`` per step whatever its gradient's size;
     step sizes are of the order of ``max|W| / qmax`` (about 0.01 for SmolLM2 at 4 bits), so sharing
@@ -316,13 +334,21 @@ def qat_param_groups(model: nn.Module, lr: float, scale_lr: float | None = None,
     measured LR-QAT at 2.98 (shared lr 1e-3) vs 2.71 (step sizes at 1e-5) held-out loss after 10 steps.
     """
     from ..core.api import adapter_parameters
+    from ..core.model import iter_sites
 
     if not lr > 0 or (scale_lr is not None and not scale_lr > 0):
         raise ConfigError(f"qat_param_groups: learning rates must be positive, got lr={lr}, scale_lr={scale_lr}")
-    params = {n: p for n, p in adapter_parameters(model, name).items() if p.requires_grad}
-    scales = [p for n, p in params.items() if n.endswith(".scale")]
-    if not scales:
+    params = [p for p in adapter_parameters(model, name).values() if p.requires_grad]
+    trainable = {id(p) for p in params}
+    by_rate: dict[float, list[nn.Parameter]] = {}
+    for _path, site in iter_sites(model):
+        for adapter, mod in site.adapters.items():
+            if (name is None or adapter == name) and isinstance(mod, QATLayer) and id(mod.scale) in trainable:
+                rate = scale_lr if scale_lr is not None else mod.config.scale_lr
+                by_rate.setdefault(lr / 100 if rate is None else float(rate), []).append(mod.scale)
+    if not by_rate:
         raise ConfigError("qat_param_groups: no trainable L4Q/LR-QAT step sizes in the model "
                           f"{'for adapter ' + repr(name) if name else ''}; attach peftkit.L4Q or peftkit.LRQAT first")
-    rest = [p for n, p in params.items() if not n.endswith(".scale")]
-    return [{"params": rest, "lr": lr}, {"params": scales, "lr": lr / 100 if scale_lr is None else scale_lr}]
+    taken = {id(p) for ps in by_rate.values() for p in ps}
+    rest = [p for p in params if id(p) not in taken]
+    return [{"params": rest, "lr": lr}] + [{"params": ps, "lr": rate} for rate, ps in by_rate.items()]

@@ -192,7 +192,7 @@ def create_app(engine: Worker, limits: Limits | None = None, model_name: str = "
                         raise ApiError(499, "the client closed the connection") from None
                     continue
                 if isinstance(ev, Failed):
-                    raise ApiError(ev.status, ev.message, ev.param)
+                    raise _failed(ev)
                 if isinstance(ev, Finished):
                     finished[i] = ev
         except BaseException:
@@ -243,8 +243,8 @@ def create_app(engine: Worker, limits: Limits | None = None, model_name: str = "
                     finished[i] = ev
                     yield chunk([choice(i, None if chat else "", ev.reason)])
                 elif isinstance(ev, Failed):
-                    metrics.request(endpoint, "server_error" if ev.status >= 500 else "client_error")
-                    yield b"data: " + json.dumps(ApiError(ev.status, ev.message, ev.param).body()).encode() + b"\n\n"
+                    metrics.request(endpoint, _outcome(ev.status))
+                    yield b"data: " + json.dumps(_failed(ev).body()).encode() + b"\n\n"
                     yield b"data: [DONE]\n\n"
                     return
             if req.include_usage:
@@ -260,7 +260,7 @@ def create_app(engine: Worker, limits: Limits | None = None, model_name: str = "
         try:
             return await handler(await read_body(request))
         except ApiError as e:
-            metrics.request(endpoint, "client_error" if e.status < 500 else "server_error")
+            metrics.request(endpoint, _outcome(e.status))
             return error_response(e)
 
     async def encode(endpoint: str, http_request: Request, body: bytes) -> Any:
@@ -293,7 +293,7 @@ def create_app(engine: Worker, limits: Limits | None = None, model_name: str = "
             r.cancel()
             raise
         if isinstance(ev, Failed):
-            raise ApiError(ev.status, ev.message, ev.param)
+            raise _failed(ev)
         usage = {"prompt_tokens": ev.prompt_tokens, "total_tokens": ev.prompt_tokens}
         metrics.request(endpoint, "ok")
         if endpoint == "embeddings":
@@ -408,6 +408,17 @@ def create_app(engine: Worker, limits: Limits | None = None, model_name: str = "
         return PlainTextResponse(metrics.render(gauges, counters), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _failed(ev: Failed) -> ApiError:
+    """The HTTP error of a request the engine could not serve."""
+    kind = "invalid_request_error" if ev.status < 500 else "server_error"
+    return ApiError(ev.status, ev.message, ev.param, kind, ev.code)
+
+
+def _outcome(status: int) -> str:
+    """The ``outcome`` label of ``peftkit_requests_total`` for an error status (429: the queue was full)."""
+    return "rate_limited" if status == 429 else "client_error" if status < 500 else "server_error"
 
 
 def _usage(done: Any) -> dict[str, int]:

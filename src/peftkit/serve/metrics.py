@@ -65,8 +65,8 @@ class Metrics:
         with self._lock:
             reqs = sorted(self.requests.items())
             prompt, generated, steps = self.prompt_tokens, self.generated_tokens, self.steps
-        metric("peftkit_requests_total", "counter", "Requests by endpoint and outcome (ok, client_error, server_error, "
-               "cancelled).", [(f'{{endpoint="{e}",outcome="{o}"}}', n) for (e, o), n in reqs] or [("", 0)])
+        metric("peftkit_requests_total", "counter", "Requests by endpoint and outcome (ok, client_error, rate_limited, "
+               "server_error, cancelled).", [(f'{{endpoint="{e}",outcome="{o}"}}', n) for (e, o), n in reqs] or [("", 0)])
         metric("peftkit_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", prompt)])
         metric("peftkit_generation_tokens_total", "counter", "Tokens generated.", [("", generated)])
         metric("peftkit_engine_steps_total", "counter", "Batched forward passes (prefill and decode).", [("", steps)])

@@ -35,11 +35,12 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
 
 def build(model: Any, tokenizer: Any, adapters: list[tuple[str, Path]], max_adapters: int = 8,
           adapter_root: str | Path | None = None, max_batch: int = 16, limits: Limits | None = None,
-          merge_single: bool = True, model_name: str = "base") -> tuple[Any, Worker]:
+          merge_single: bool = True, model_name: str = "base", max_waiting: int = 1024) -> tuple[Any, Worker]:
     """``(FastAPI app, engine)`` for ``model`` and its adapters (the first ``max_adapters`` loaded now).
 
     A model that can generate (a causal LM) gets the generation :class:`Engine`; an encoder gets the
     :class:`EncoderEngine` (embeddings, or classification when it has a classification head).
+    ``max_waiting``: requests queued beyond it are refused with 429 (``rate_limit_error``).
     """
     table = AdapterTable(model, max_adapters=max_adapters, root=adapter_root)
     for name, path in adapters:
@@ -51,9 +52,9 @@ def build(model: Any, tokenizer: Any, adapters: list[tuple[str, Path]], max_adap
     can_generate = getattr(model, "can_generate", None)
     engine: Worker
     if callable(can_generate) and can_generate():
-        engine = Engine(model, tokenizer, table, max_batch=max_batch, merge_single=merge_single)
+        engine = Engine(model, tokenizer, table, max_batch=max_batch, max_waiting=max_waiting, merge_single=merge_single)
     else:
-        engine = EncoderEngine(model, tokenizer, table, max_batch=max_batch)
+        engine = EncoderEngine(model, tokenizer, table, max_batch=max_batch, max_waiting=max_waiting)
     return create_app(engine, limits, model_name), engine
 
 
@@ -69,6 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-waiting", type=int, default=1024,
+                   help="requests queued for the batch at most; more are answered 429 (rate_limit_error)")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, default=4096)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
@@ -85,7 +88,7 @@ def serve(args: argparse.Namespace) -> int:
 
     if args.task not in TASKS:
         raise ConfigError(f"--task {args.task!r} is unknown{did_you_mean(args.task, TASKS)}; tasks: {', '.join(TASKS)}")
-    for flag in ("max_adapters", "max_batch", "max_tokens_limit", "max_prompt_tokens", "max_body_bytes"):
+    for flag in ("max_adapters", "max_batch", "max_waiting", "max_tokens_limit", "max_prompt_tokens", "max_body_bytes"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if not 0 <= args.port < 65536:
@@ -107,7 +110,7 @@ def serve(args: argparse.Namespace) -> int:
     limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                     max_body_bytes=args.max_body_bytes)
     app, _ = build(model, tok, adapters, args.max_adapters, args.adapter_root, args.max_batch, limits,
-                   merge_single=not args.no_merge)
+                   merge_single=not args.no_merge, max_waiting=args.max_waiting)
     print(f"peftkit serve: {args.model} with {len(adapters)} adapter(s) on http://{args.host}:{args.port}/v1", flush=True)
     # on SIGTERM/Ctrl-C requests in flight get 5 s to finish, then their handlers are cancelled
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.errors import ConfigError, PeftkitError
+from ..core.errors import AdapterNotFoundError, ConfigError, PeftkitError
 from .adapters import AdapterTable
 from .fastpath import MergedPath
 from .metrics import Metrics
@@ -35,6 +35,7 @@ class Failed:
     status: int
     message: str
     param: str | None = None
+    code: str | None = None  # the OpenAI error ``code`` (``model_not_found``)
 
 
 class QueueFull(PeftkitError):
@@ -50,6 +51,8 @@ class Worker:
                  max_waiting: int = 1024, metrics: Metrics | None = None) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
+        if max_waiting < 1:
+            raise ConfigError(f"max_waiting must be at least 1, got {max_waiting}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.table = table
@@ -168,6 +171,10 @@ class Worker:
                     self.merged.release()
                 try:
                     ready = self.table.ensure(req.adapter, busy)
+                except AdapterNotFoundError as e:  # deleted after the request was checked, before it got here
+                    self.leave_queue(req)
+                    req.emit(Failed(404, f"{e} (it was deleted while the request waited)", "model", "model_not_found"))
+                    continue
                 except PeftkitError as e:
                     self.leave_queue(req)
                     req.emit(Failed(400, f"adapter {req.adapter!r} could not be loaded: {e}", "model"))

@@ -428,6 +428,11 @@ def _optimizer(model: nn.Module, config: TrainConfig, params: list[nn.Parameter]
     if config.loraplus_ratio is not None:
         from ..methods.lora import lora_plus_param_groups
 
+        if any(g.get("lr", config.lr) != config.lr for g in hooks.param_groups(model, params, config.lr)):
+            raise ConfigError("loraplus_ratio sets its own learning rates and cannot be combined with a method's "
+                              "per-part rates (DePT lowrank_lr, L4Q/LR-QAT scale_lr), which LoRA+ would ignore: "
+                              "drop one of them")
+
         groups = lora_plus_param_groups(model, config.lr, config.loraplus_ratio, config.weight_decay)
         if extra:
             groups.append({"params": extra, "lr": config.head_lr if config.head_lr is not None else config.lr,
