@@ -1,16 +1,21 @@
 """Serving many LoRA adapters in one batch on SmolLM2-135M: peftkit ``mixed_batch`` vs a single adapter and vs peft.
 
-8 LoRA adapters (r=16, all block linears) on one base; a batch of 16 rows × 64 tokens where
-row i uses adapter i mod 8. Forward passes under ``torch.no_grad`` (inference), alternating:
+8 LoRA adapters (r=16, all block linears) on one base; row i of a batch of 16 uses adapter i mod 8.
+Forward passes under ``torch.no_grad`` (inference), alternating:
 
 * peftkit, one adapter active for the whole batch (the cost floor);
 * peftkit, ``peftkit.mixed_batch(model, names)``;
-* peft, ``model(..., adapter_names=names)``.
+* peft, ``model(..., adapter_names=names)``;
+
+in two shapes: a prefill (16 rows × 64 new tokens, no cache) and a decode step (16 rows × 1 new
+token over a 64-token key/value cache, the shape of almost every forward of a serving engine).
 
     python benchmarks/mixed_batch.py [--steps 10] [--json out.json]
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import _common as C
 import torch
@@ -68,6 +73,39 @@ def run(steps: int = 10) -> dict[str, float]:
     res = {f"{k}_s": C.median(v) for k, v in times.items()}
     res["mixed_over_single"] = res["mixed_s"] / res["single_s"]
     res["mixed_over_peft"] = res["mixed_s"] / res["peft_mixed_s"]
+    res.update(_decode(pk, pe, batch["input_ids"], names, steps * 4))
+    return res
+
+
+def _decode(pk, pe, ids, names, steps: int) -> dict[str, float]:
+    """One decode step (16 rows × 1 token over a 64-token cache), peftkit single / mixed and peft mixed."""
+    import peftkit
+
+    caches = {}
+    with torch.no_grad(), peftkit.mixed_batch(pk, names):
+        caches["pk"] = pk(input_ids=ids, use_cache=True).past_key_values
+    with torch.no_grad():
+        caches["pe"] = pe(input_ids=ids, use_cache=True, adapter_names=names).past_key_values
+    new = ids[:, -1:]
+    mask = torch.ones(ids.shape[0], ids.shape[1] + 1, dtype=torch.long)
+
+    def step(which, ctx, **kw):
+        model = pk if which == "pk" else pe
+        with torch.no_grad(), ctx:
+            model(input_ids=new, attention_mask=mask, past_key_values=caches[which], use_cache=True, **kw)
+        caches[which].crop(-1)  # drop the token again: every step sees the same 64-token cache
+
+    def single() -> None:
+        peftkit.activate(pk, "a0")
+        step("pk", contextlib.nullcontext())
+
+    times = C.alternate({"decode_single": single,
+                         "decode_mixed": lambda: step("pk", peftkit.mixed_batch(pk, names)),
+                         "decode_peft_mixed": lambda: step("pe", contextlib.nullcontext(), adapter_names=names)},
+                        steps)
+    res = {f"{k}_s": C.median(v) for k, v in times.items()}
+    res["decode_mixed_over_single"] = res["decode_mixed_s"] / res["decode_single_s"]
+    res["decode_mixed_over_peft"] = res["decode_mixed_s"] / res["decode_peft_mixed_s"]
     return res
 
 

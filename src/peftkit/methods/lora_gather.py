@@ -92,6 +92,8 @@ def gathered_lora(stack: FactorStack, ids: torch.Tensor, x: torch.Tensor, base_o
     h = torch.bmm(xr, a.index_select(0, ids).transpose(1, 2))
     yr = base_out.reshape(rows, -1, base_out.shape[-1])
     bt = b.index_select(0, ids).transpose(1, 2)
+    if yr.dtype == a.dtype and not torch.is_grad_enabled():  # inference: accumulate into the base output
+        return yr.baddbmm_(h, bt).view(base_out.shape)
     if yr.dtype == a.dtype:
         out = torch.baddbmm(yr, h, bt)
     else:
