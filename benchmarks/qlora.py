@@ -4,8 +4,10 @@ Both sides: the same bf16 weights (the NF4 side quantizes them), LoRA r=16 alpha
 linear (float32 adapters), AdamW lr 1e-3, the same batches (GSM8K training questions + answers cut
 to ``--length`` tokens, plain LM loss), ``--steps`` steps. Printed: weight bytes (all, and the
 quantized linear layers' share), the torch peak of one training step measured by
-``peftkit.memory_report(measure=True)``, the process RSS, the mean loss of the last 10 steps, and
-the ratios NF4 / bf16.
+``peftkit.memory_report(measure=True)``, the mean training loss of the last 10 steps, the loss on
+``--held-out`` fixed GSM8K test batches before and after training, and the ratios NF4 / bf16. A third
+side, ``nf4+loftq``, quantizes with LoftQ (``peftkit.quant.loftq``, ``--loftq-iters``): the adapter
+starts at the rank-r fit of the quantization residual instead of B = 0.
 
     PYTHONPATH=src python benchmarks/qlora.py --data ../shared/data/gsm8k [--steps 100] [--length 64]
 """
@@ -30,8 +32,8 @@ from peftkit.memory import weight_bytes
 MB = 2**20
 
 
-def batches(data: str, tok, steps: int, rows: int, length: int) -> list[dict[str, torch.Tensor]]:
-    lines = open(f"{data}/train.jsonl").read().splitlines()[: steps * rows]
+def batches(data: str, tok, steps: int, rows: int, length: int, split: str = "train") -> list[dict[str, torch.Tensor]]:
+    lines = open(f"{data}/{split}.jsonl").read().splitlines()[: steps * rows]
     texts = [(lambda r: r["question"] + "\n" + r["answer"])(json.loads(x)) for x in lines]
     out = []
     for i in range(0, len(texts), rows):
@@ -47,18 +49,26 @@ def linear_weight_bytes(model: torch.nn.Module) -> int:
                if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
 
 
-def run(base: torch.nn.Module, scheme: str | None, data: list[dict[str, torch.Tensor]]) -> dict:
+def run(base: torch.nn.Module, scheme: str | None, data: list[dict[str, torch.Tensor]],
+        held_out: list[dict[str, torch.Tensor]], loftq_iters: int = 5) -> dict:
     model = copy.deepcopy(base)
-    if scheme:
-        quant.quantize(model, scheme)
-    lin = linear_weight_bytes(model)
-    peftkit.attach(model, peftkit.LoRA(r=16, alpha=32, target_modules="all-linear"))
+    cfg = peftkit.LoRA(r=16, alpha=32, target_modules="all-linear")
+    if scheme == "nf4+loftq":  # the adapter starts at LoftQ's rank-r fit of the quantization residual
+        peftkit.attach(model, cfg)
+        quant.loftq(model, "nf4", iters=loftq_iters)
+        lin = linear_weight_bytes(model)
+    else:
+        if scheme:
+            quant.quantize(model, scheme)
+        lin = linear_weight_bytes(model)
+        peftkit.attach(model, cfg)
+        for n, p in peftkit.adapter_parameters(model).items():  # the same adapter start on both sides
+            g = torch.Generator().manual_seed(hash(n) % 2**31)
+            with torch.no_grad():
+                if n.endswith("lora_A"):
+                    p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
     torch.manual_seed(0)
-    for n, p in peftkit.adapter_parameters(model).items():  # the same adapter start on both sides
-        g = torch.Generator().manual_seed(hash(n) % 2**31)
-        with torch.no_grad():
-            if n.endswith("lora_A"):
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+    start = held_out_loss(model, held_out)
     rep = peftkit.memory_report(model, data[0], measure=True)
     print(f"  {scheme or 'bf16'}: weights {weight_bytes(model)[0] / MB:.1f} MB (linear layers {lin / MB:.1f} MB), "
           f"step peak measured {rep.measured_peak / MB:.1f} MB, estimated {rep.estimated_peak / MB:.1f} MB", flush=True)
@@ -77,9 +87,20 @@ def run(base: torch.nn.Module, scheme: str | None, data: list[dict[str, torch.Te
             print(f"  {scheme or 'bf16'} step {len(losses)}: loss {statistics.mean(losses[-10:]):.4f}, "
                   f"{statistics.median(times):.2f} s/step", flush=True)
     return {"weights_mb": weight_bytes(model)[0] / MB, "linear_weights_mb": lin / MB,
+            "held_out_start": start, "held_out_end": held_out_loss(model, held_out),
             "measured_peak_mb": rep.measured_peak / MB, "estimated_peak_mb": rep.estimated_peak / MB,
             "loss_last10": statistics.mean(losses[-10:]), "loss_first": losses[0],
             "step_s_median": statistics.median(times)}
+
+
+@torch.no_grad()
+def held_out_loss(model: torch.nn.Module, held_out: list[dict[str, torch.Tensor]]) -> float:
+    """Mean LM loss over fixed GSM8K test batches (eval mode), the same batches for every side."""
+    was = model.training
+    model.eval()
+    loss = statistics.mean(model(**b).loss.item() for b in held_out)
+    model.train(was)
+    return loss
 
 
 def main() -> None:
@@ -89,6 +110,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--held-out", type=int, default=8, help="GSM8K test batches (of --rows) for the held-out loss")
+    ap.add_argument("--loftq-iters", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from peftkit.hub.models import load_causal_lm
@@ -97,17 +120,21 @@ def main() -> None:
     base = base.to(torch.bfloat16).eval()
     base.config.use_cache = False
     data = batches(args.data, tok, args.steps, args.rows, args.length)
+    held_out = batches(args.data, tok, args.held_out, args.rows, args.length, split="test")
     res = {}
-    for side, scheme in (("bf16", None), ("nf4", "nf4")):
-        res[side] = run(base, scheme, data)
+    for side in ("bf16", "nf4", "nf4+loftq"):
+        res[side] = run(base, None if side == "bf16" else side, data, held_out, args.loftq_iters)
         print(side, json.dumps({k: round(v, 4) for k, v in res[side].items()}), flush=True)
-    b, q = res["bf16"], res["nf4"]
-    print(f"weights NF4/bf16: {q['weights_mb'] / b['weights_mb']:.3f} (all), "
-          f"{q['linear_weights_mb'] / b['linear_weights_mb']:.3f} (quantized linear layers)")
-    print(f"measured step peak NF4/bf16: {q['measured_peak_mb'] / b['measured_peak_mb']:.3f}")
-    print(f"loss (mean of the last 10 of {args.steps} steps) NF4/bf16: {q['loss_last10'] / b['loss_last10']:.4f} "
-          f"({q['loss_last10']:.4f} vs {b['loss_last10']:.4f}); step time NF4/bf16: "
-          f"{q['step_s_median'] / b['step_s_median']:.2f}")
+    b = res["bf16"]
+    for side in ("nf4", "nf4+loftq"):
+        q = res[side]
+        print(f"{side} / bf16: weights {q['weights_mb'] / b['weights_mb']:.3f} (all), "
+              f"{q['linear_weights_mb'] / b['linear_weights_mb']:.3f} (quantized linear layers); measured step peak "
+              f"{q['measured_peak_mb'] / b['measured_peak_mb']:.3f}; step time {q['step_s_median'] / b['step_s_median']:.2f}")
+        print(f"  held-out loss after {args.steps} steps {q['held_out_end'] / b['held_out_end']:.4f} "
+              f"({q['held_out_end']:.4f} vs {b['held_out_end']:.4f}; before training {q['held_out_start']:.4f} vs "
+              f"{b['held_out_start']:.4f}); training loss, mean of the last 10 steps "
+              f"{q['loss_last10'] / b['loss_last10']:.4f}")
 
 
 if __name__ == "__main__":
