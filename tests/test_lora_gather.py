@@ -103,3 +103,18 @@ def test_gradients_of_a_mixed_batch_equal_each_adapters_own(three):
         for k, p in ps.items():
             torch.testing.assert_close(mixed[n][k], p.grad, rtol=1e-3, atol=1e-4)
             p.grad = None
+
+
+def test_a_cast_model_rebuilds_the_stacks(three):
+    model, inputs = three
+    rows = ["a0", "a1", None, "a2"]
+    with torch.no_grad(), peftkit.mixed_batch(model, rows):
+        model(**inputs)
+    model.to(torch.float64)
+    with torch.no_grad():
+        refs = {n: _alone(model, inputs, n) for n in set(rows)}
+        with peftkit.mixed_batch(model, rows):
+            ym = model(**inputs).logits
+    assert ym.dtype == torch.float64 and all(s.a.dtype == torch.float64 for s in _stacks(model))
+    for i, n in enumerate(rows):
+        torch.testing.assert_close(ym[i], refs[n][i], rtol=1e-10, atol=1e-10)

@@ -10,8 +10,8 @@ adapter). Row ``i`` of the batch gathers its adapter's slot ``k(i)``, and the wh
 
 whatever the number of adapters: no loop over rows or adapters. For inference (no gradient needed)
 the stacks are cached on the site and rebuilt only when its adapters change (loaded, deleted, or a
-factor written in place: the tensors' version counters are part of the cache key); the slot index
-of each row is computed once per ``mixed_batch`` block for all sites that share the same adapters.
+factor written in place, moved or cast: the tensors' version counters and storages are part of the
+cache key); the slot index of each row is computed once per ``mixed_batch`` block for all sites that share the same adapters.
 While gradients flow into the factors the stacks are built per call, so autograd reaches them.
 """
 
@@ -32,16 +32,21 @@ class FactorStack:
     a: torch.Tensor  # (n+1, r_max, in)
     b: torch.Tensor  # (n+1, out, r_max), scaling folded in
     site_modules: tuple = ()  # every adapter module of the site when built (identity)
-    parts: tuple = ()  # per stacked layer: (module, A, A's version, B, B's version, scaling)
+    parts: tuple = ()  # per stacked layer: (module, A, B, scaling, state of A and B)
 
     def still_valid(self, site: Any) -> bool:
         if tuple(site.adapters._modules.values()) != self.site_modules:
             return False
-        for m, a, va, b, vb, s in self.parts:
+        for m, a, b, s, state in self.parts:
             p = m._parameters
-            if p["lora_A"] is not a or p["lora_B"] is not b or a._version != va or b._version != vb or m.scaling != s:
+            if p["lora_A"] is not a or p["lora_B"] is not b or m.scaling != s or _state(a, b) != state:
                 return False
         return True
+
+
+def _state(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    """What changes when a factor is written in place (version) or moved / cast (``.data`` replaced)."""
+    return a._version, b._version, a.data_ptr(), b.data_ptr(), a.dtype, b.dtype
 
 
 def build_stack(mods: dict[str, Any]) -> FactorStack:
@@ -55,7 +60,7 @@ def build_stack(mods: dict[str, Any]) -> FactorStack:
         a_parts.append(F.pad(m.lora_A, (0, 0, 0, pad)) if pad else m.lora_A)
         b = m.lora_B * m.scaling
         b_parts.append(F.pad(b, (0, pad)) if pad else b)
-    parts = tuple((m, m.lora_A, m.lora_A._version, m.lora_B, m.lora_B._version, m.scaling) for m in mods.values())
+    parts = tuple((m, m.lora_A, m.lora_B, m.scaling, _state(m.lora_A, m.lora_B)) for m in mods.values())
     return FactorStack(tuple(mods), torch.stack(a_parts), torch.stack(b_parts), parts=parts)
 
 
