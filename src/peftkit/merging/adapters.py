@@ -21,7 +21,8 @@ differ. The result is an ordinary ``AdapterState``, saved and loaded like any ot
   ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"``.
 
 **IA3** (``l − 1`` is the task vector) and **BitFit** (``Δb``) merge their vectors element-wise.
-Other methods are refused by name.
+Other methods are refused by name, and so are adapters carrying ``modules_to_save`` copies (a
+classification head per task: averaging heads whose classes differ means nothing).
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ def check_states(states: Sequence[Any]) -> None:
         raise ConfigError("no adapters to merge")
     ref = states[0]
     method = ref.config.method
+    for s in states:
+        saved = getattr(s.config, "modules_to_save", None)
+        if saved:
+            raise ConfigError(f"adapter {s.name!r} carries trained copies of whole modules (modules_to_save: "
+                              f"{', '.join(saved)}), e.g. a classification head; heads trained for different tasks "
+                              "cannot be averaged meaningfully (their classes differ), so peftkit does not merge "
+                              "them: merge adapters saved without modules_to_save")
     if method not in LOW_RANK and method not in ADDITIVE:
         known = list(LOW_RANK) + list(ADDITIVE)
         raise ConfigError(f"adapter {ref.name!r} is a {method!r} adapter; merging supports {', '.join(known)}")
