@@ -20,7 +20,8 @@ import peftkit
 from peftkit.core.saved_modules import SavedModule
 from peftkit.core.site import AdapterSite
 
-from .models import tiny_bert
+from .cases import all_cases
+from .models import MODELS, tiny_bert
 
 HEAD = {"bert": "classifier", "llama": "score"}
 
@@ -278,3 +279,92 @@ def test_training_hooks_see_the_method_modules_only():
     for step in range(3):
         peftkit.after_step(model, step, 10)  # would fail on the copy (it has no lora_E)
     assert (peftkit.regularization_loss(model) > 0).item()
+
+
+def test_cli_classification_puts_the_head_in_the_adapter(bert_dir, tmp_path, monkeypatch, capsys):
+    """``peftkit train --task classification``: no side file; ``peftkit.load`` on a base with another random head
+    predicts as the trained model; the HF export loads in peft with the same logits."""
+    import peftkit.train as train_module
+    from peftkit import tasks
+    from peftkit.cli.main import main
+
+    from .tiny_tokenizers import WORDS, bert_tok
+
+    data = tmp_path / "train.tsv"
+    data.write_text("text\tlabel\n" + "".join(f"{w} good movie\tpos\n{w} bad movie\tneg\n" for w in WORDS[:6]))
+    trained = {}
+    run = train_module.train
+
+    def spy(model, *args, **kwargs):
+        trained["model"] = model
+        return run(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train", spy)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(bert_dir), "--task", "classification", "--method", "lora", "--r", "2",
+                 "--target-modules", "query,value", "--data", str(data), "--output", str(out), "--max-steps", "3",
+                 "--batch-size", "4", "--head-lr", "0.05"]) == 0
+    adapter = out / "adapter"
+    assert not (adapter / "extra.safetensors").exists()
+    assert json.loads((adapter / "peftkit_adapter.json").read_text())["config"]["modules_to_save"] == ["classifier"]
+    enc = bert_tok()(["hello good movie", "bad movie a b"], padding=True, return_tensors="pt")
+    want = logits(trained["model"].eval(), enc)
+    fresh, _ = tasks.load_model(str(bert_dir), "classification", num_labels=2, seed=123)  # another random head
+    assert not torch.allclose(logits(fresh, enc), want, atol=1e-3)
+    peftkit.load(fresh, adapter)
+    assert torch.allclose(logits(fresh, enc), want, atol=1e-6)
+    capsys.readouterr()
+    assert main(["info", str(adapter)]) == 0
+    assert "modules_to_save=['classifier']" in capsys.readouterr().out
+    assert main(["export", str(adapter), "--format", "hf", str(tmp_path / "hf")]) == 0
+    base, _ = tasks.load_model(str(bert_dir), "classification", num_labels=2, seed=7)
+    pm = PeftModel.from_pretrained(base, tmp_path / "hf").eval()
+    assert torch.allclose(logits(pm, enc), want, atol=1e-5)
+
+
+CONTRACT = all_cases()
+MODEL_HEAD = {"llama": "lm_head", "bert": "classifier", "gpt2": "lm_head", "cnn": "head"}
+
+
+@pytest.mark.parametrize("case", CONTRACT, ids=[c.id for c in CONTRACT])
+def test_every_method_carries_a_saved_module(case, tmp_path):
+    """For every registered method: the head's copy trains, saves and loads in both formats, mixes, merges."""
+    head = MODEL_HEAD[case.model]
+    model, inputs, out = MODELS[case.model](0)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    peftkit.attach(model, case.config().replace(modules_to_save=[head]))
+    mods = peftkit.get_adapter(model, "default")
+    assert isinstance(mods[head], SavedModule) and len(mods) > 1
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in peftkit.adapter_parameters(model).values()}
+    assert {id(p) for p in mods[head].parameters()} <= trainable
+    randomize([p for p in peftkit.adapter_parameters(model).values() if p.is_floating_point()], scale=0.1)
+    with torch.no_grad():
+        y = out(model(**inputs)).float()
+        with peftkit.disabled(model):
+            y0 = out(model(**inputs)).float()
+    tol = max(case.tol, 1e-5) * float(y.abs().max())
+    for fmt in ["peftkit", "hf"] if case.hf else ["peftkit"]:
+        peftkit.save(model, tmp_path / fmt, format=fmt)
+        fresh, _, _ = MODELS[case.model](0)
+        peftkit.load(fresh, tmp_path / fmt)
+        assert isinstance(peftkit.get_adapter(fresh, "default")[head], SavedModule)
+        with torch.no_grad():
+            assert (out(fresh(**inputs)).float() - y).abs().max() <= tol, fmt
+    if case.mixed:
+        rows = ["default", None, "default", None]
+        with peftkit.mixed_batch(model, rows), torch.no_grad():
+            ym = out(model(**inputs)).float()
+        for i, ref in enumerate([y, y0, y, y0]):
+            assert (ym[i] - ref[i]).abs().max() <= tol, i
+    if case.mergeable and mods[head].mergeable:
+        peftkit.merge(model)
+        with torch.no_grad():
+            assert (out(model(**inputs)).float() - y).abs().max() <= 10 * tol
+        peftkit.unmerge(model)
+    elif case.mergeable:  # a head tied to the input embedding (GPT-2): refused by name
+        with pytest.raises(peftkit.NotMergeableError, match=f"{head}.weight is tied to"):
+            peftkit.merge(model)
+    peftkit.delete(model, "default")
+    after = model.state_dict()
+    assert all(torch.allclose(after[k].float(), v.float(), atol=1e-5) for k, v in base.items())

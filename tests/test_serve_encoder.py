@@ -95,3 +95,33 @@ def test_classification_uses_each_adapter_and_names_labels(tmp_path):
             probs = torch.tensor([[d["probabilities"][k] for k in ("neg", "neu", "pos")] for d in data])
             torch.testing.assert_close(probs, alone(True, dirs.get(name), TEXTS), atol=1e-5, rtol=1e-4)
             assert [d["label"] for d in data] == [["neg", "neu", "pos"][i] for i in probs.argmax(-1).tolist()]
+
+
+def test_classification_with_each_adapters_own_head_in_mixed_batches(tmp_path):
+    """Adapters trained with their own head (``modules_to_save``): rows of one batch get their adapter's head."""
+    dirs = {}
+    for k, name in enumerate(["h0", "h1"]):
+        model, _ = tiny_encoder(True)
+        peftkit.attach(model, peftkit.LoRA(r=4, alpha=8, target_modules=["query"], modules_to_save=["classifier"]),
+                       name=name)
+        g = torch.Generator().manual_seed(70 + k)
+        with torch.no_grad():
+            for p in peftkit.adapter_parameters(model).values():
+                p.add_(torch.randn(p.shape, generator=g))
+        dirs[name] = peftkit.save(model, tmp_path / name)
+    model, tok = tiny_encoder(True)
+    app, engine = build(model, tok, list(dirs.items()), max_adapters=2, max_batch=8)
+    jobs = [(name, TEXTS[i % 3:i % 3 + 2]) for i, name in enumerate(["h0", "h1", "base"] * 3)]
+    with running_server(app) as url:
+        def ask(job):
+            r = httpx.post(url + "/v1/classifications", json={"model": job[0], "input": job[1]}, timeout=30)
+            assert r.status_code == 200, r.text
+            return torch.tensor([[d["probabilities"][k] for k in ("neg", "neu", "pos")] for d in r.json()["data"]])
+
+        with cf.ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(ask, jobs))
+    for (name, texts), probs in zip(jobs, got, strict=True):
+        torch.testing.assert_close(probs, alone(True, dirs.get(name), texts), atol=1e-5, rtol=1e-4)
+    heads = [alone(True, dirs[n], TEXTS) for n in ("h0", "h1")]
+    assert not torch.allclose(heads[0], heads[1], atol=1e-3)
+    assert engine.mixed_steps > 0

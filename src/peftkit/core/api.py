@@ -84,7 +84,7 @@ def prepare(model: nn.Module, config: AdapterConfig, name: str, targets: Sequenc
         plan.append((mname, base, module))
     for mname in saved:  # modules_to_save: trainable copies of whole modules, after the method's own modules
         base = model.get_submodule(mname)
-        module = SavedModule(config, base)
+        module = SavedModule(config, base, saved_modules.tied_parameter(model, mname))
         _place_like(module, base)
         plan.append((mname, base, module))
     return plan

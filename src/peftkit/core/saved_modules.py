@@ -106,10 +106,20 @@ class ModuleCopy(AdapterModule):
 
 
 class SavedModule(ModuleCopy):
-    """A ``modules_to_save`` copy: every tensor of the module, its submodules' included."""
+    """A ``modules_to_save`` copy: every tensor of the module, its submodules' included.
 
-    def __init__(self, config: AdapterConfig, base: nn.Module) -> None:
+    ``tied``: ``(parameter, other module)`` when a parameter of the module is shared with a module outside
+    it (GPT-2's ``lm_head.weight`` is the input embedding's): the copy is untied and trains on its own,
+    but writing it into the shared tensor would change the other module too, so such a copy is not
+    mergeable.
+    """
+
+    def __init__(self, config: AdapterConfig, base: nn.Module, tied: tuple[str, str] | None = None) -> None:
         super().__init__(config, base, recurse=True)
+        if tied is not None:
+            self.mergeable = False
+            self.unmergeable_reason = (f"its copy of {tied[0]} is tied to {tied[1]} in the base model; merging it "
+                                       "would change that module too")
 
     def layer_facts(self) -> dict[str, Any]:
         return {"modules_to_save": True}
@@ -205,6 +215,21 @@ def resolve(model: nn.Module, config: AdapterConfig) -> list[str]:
             raise TargetError(f"modules_to_save: {shown} has quantized weights, which cannot be trained as a copy; "
                               "call peftkit.quant.dequantize(model) first")
     return [r for r, _ in selected]
+
+
+def tied_parameter(model: nn.Module, name: str) -> tuple[str, str] | None:
+    """``(parameter path, other module path)`` when a parameter of module ``name`` is shared with a module
+    outside it (tied input and output embeddings), else None."""
+    from .targeting import display_name
+
+    mine = {id(p): f"{display_name(name)}.{n}" for n, p in model.get_submodule(name).named_parameters()}
+    for other, module in model.named_modules(remove_duplicate=False):
+        if other == name or other.startswith(name + "."):
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) in mine:
+                return mine[id(p)], display_name(other)
+    return None
 
 
 def _tensors(module: nn.Module) -> Iterable[torch.Tensor]:
