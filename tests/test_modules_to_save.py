@@ -317,6 +317,9 @@ def test_cli_classification_puts_the_head_in_the_adapter(bert_dir, tmp_path, mon
     assert main(["info", str(adapter)]) == 0
     assert "modules_to_save=['classifier']" in capsys.readouterr().out
     assert main(["export", str(adapter), "--format", "hf", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "hf")]) == 0
+    assert "modules_to_save=['classifier']" in capsys.readouterr().out
     base, _ = tasks.load_model(str(bert_dir), "classification", num_labels=2, seed=7)
     pm = PeftModel.from_pretrained(base, tmp_path / "hf").eval()
     assert torch.allclose(logits(pm, enc), want, atol=1e-5)
@@ -368,3 +371,25 @@ def test_every_method_carries_a_saved_module(case, tmp_path):
     peftkit.delete(model, "default")
     after = model.state_dict()
     assert all(torch.allclose(after[k].float(), v.float(), atol=1e-5) for k, v in base.items())
+
+
+def test_cli_option_takes_a_comma_list():
+    from peftkit.cli.options import build_config
+
+    config = build_config("ia3", {"target_modules": "key", "modules_to_save": "classifier,pooler"})
+    assert config.modules_to_save == ["classifier", "pooler"]
+    with pytest.raises(peftkit.ConfigError, match="did you mean --modules-to-save"):
+        build_config("lora", {"modules_to_sav": "classifier"})
+
+
+def test_compression_keeps_the_copies_exact(tmp_path):
+    """ComPEFT sparsifies task vectors; a head's copy is trained values, not a change, so it is stored as it is."""
+    from peftkit.compress.api import compress
+
+    model, _ = two_heads()
+    peftkit.save(model, tmp_path / "a", name="a")
+    state = compress(tmp_path / "a", tmp_path / "c", method="compeft", density=0.05)
+    head = peftkit.get_adapter(model, "a")["classifier"]
+    assert torch.equal(state.tensors["classifier.weight"], head.weight.detach())
+    lora_b = peftkit.get_adapter(model, "a")["bert.encoder.layer.0.attention.self.query"].lora_B.detach()
+    assert not torch.equal(state.tensors["bert.encoder.layer.0.attention.self.query.lora_B"], lora_b)
