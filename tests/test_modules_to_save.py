@@ -115,6 +115,24 @@ def test_hf_export_loads_in_peft_with_the_same_logits(method, kind, tmp_path):
     assert torch.allclose(logits(pm, inputs), want, atol=1e-5)
 
 
+def test_prompt_tuning_with_a_head_exports_to_peft(tmp_path):
+    """Next to a prompt-learning adapter the copies are keyed ``base_model.<module>.<tensor>``, as peft saves them."""
+    model, inputs, _ = tiny_bert()
+    peftkit.attach(model, peftkit.PromptTuning(num_virtual_tokens=3, modules_to_save=["classifier"]))
+    randomize(peftkit.adapter_parameters(model).values(), seed=2)
+    want = logits(model, inputs)
+    peftkit.save(model, tmp_path, format="hf")
+    from safetensors.torch import load_file
+
+    assert set(load_file(tmp_path / "adapter_model.safetensors")) == {
+        "prompt_embeddings", "base_model.classifier.weight", "base_model.classifier.bias"}
+    base, _, _ = tiny_bert()
+    assert torch.allclose(logits(PeftModel.from_pretrained(base, tmp_path).eval(), inputs), want, atol=1e-5)
+    fresh, _, _ = tiny_bert()
+    peftkit.load(fresh, tmp_path)
+    assert torch.allclose(logits(fresh, inputs), want, atol=1e-6)
+
+
 def test_only_the_copies_train_and_the_base_module_is_unchanged():
     model, inputs, _ = tiny_bert()
     base_out = logits(model, inputs)
@@ -238,13 +256,27 @@ def test_bad_names_are_refused_before_the_model_is_touched():
         peftkit.attach(Net(), peftkit.LoRA(target_modules=["body"], modules_to_save=["head", "out"]))
 
 
-def test_merging_adapters_with_heads_is_refused():
+def test_merging_adapters_with_heads_is_refused_or_drops_them():
     from peftkit.core.adapter_state import extract
+    from peftkit.core.saved_modules import split_saved
     from peftkit.merging.adapters import merge_states
 
-    model, _ = two_heads()
-    with pytest.raises(peftkit.ConfigError, match=r"modules_to_save: classifier.*cannot be averaged"):
-        merge_states([extract(model, "a"), extract(model, "b")])
+    model, inputs = two_heads()
+    states = [extract(model, "a"), extract(model, "b")]
+    with pytest.raises(peftkit.ConfigError, match=r"modules_to_save: classifier.*cannot be averaged.*'drop'"):
+        merge_states(states)
+    with pytest.raises(peftkit.ConfigError, match="did you mean 'drop'"):
+        merge_states(states, saved_modules="dorp")
+    merged = merge_states(states, saved_modules="drop")
+    assert merged.config.modules_to_save is None and not any(k.startswith("classifier") for k in merged.tensors)
+    plain, head = split_saved(states[0])
+    assert set(head) == {"classifier.weight", "classifier.bias"} and "classifier" not in plain.targets
+    # task a = the merged adapter with a's head put back as the model's own weights
+    fresh, _, _ = tiny_bert()
+    fresh.load_state_dict(head, strict=False)
+    peftkit.install(fresh, plain)
+    peftkit.activate(model, "a")
+    assert torch.allclose(logits(fresh, inputs), logits(model, inputs), atol=1e-6)
 
 
 def test_head_lr_applies_to_the_copies(tmp_path):

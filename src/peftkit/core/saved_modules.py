@@ -269,3 +269,22 @@ def copy_parameters(model: nn.Module, names: Sequence[str] | None = None) -> lis
             if isinstance(mod, SavedModule) and (names is None or n in names):
                 out.extend(p for p in mod.parameters() if p.requires_grad)
     return out
+
+
+def split_saved(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``(the adapter without its modules_to_save copies, {model parameter name: copy})`` of an
+    :class:`~peftkit.core.adapter_state.AdapterState`.
+
+    For work on the method's part alone (merging the adapters of several tasks, each keeping its own
+    head); the second value puts a head back into a model as its own weights
+    (``model.load_state_dict(head, strict=False)``).
+    """
+    names = entries(state.config)
+    if not names:
+        return state, {}
+    copies = {k: t for k, t in state.tensors.items() if saved_root(k, names) is not None}
+    targets = None if state.targets is None else [t for t in state.targets if not is_saved(t, names)]
+    rest = state.replace(config=state.config.replace(modules_to_save=None), targets=targets,
+                         tensors={k: t for k, t in state.tensors.items() if k not in copies},
+                         layers={p: f for p, f in state.layers.items() if not is_saved(p, names)})
+    return rest, copies

@@ -218,7 +218,8 @@ def _one(state: AdapterState, module_names: list[str] | None) -> dict[str, bytes
         hf["target_modules"] = target_modules(targets, module_names)
         hf.setdefault("exclude_modules", None)
     hf["peft_type"] = codec.peft_type
-    hf[SAVED] = names or None
+    if names:
+        hf[SAVED] = list(names)
     tensors: dict[str, torch.Tensor] = {}
     copy_prefix = PREFIX if codec.module_level else PROMPT_PREFIX
     if state.targets is None:  # a value read from a peft prompt-learning file: bare names (copies: full paths)

@@ -29,14 +29,16 @@ def merge_adapters(inputs: Sequence[Any], method: str = "task_arithmetic", weigh
                    options: dict[str, Any] | MergeOptions | None = None, rank: int | None = None,
                    space: str = "auto", name: str = "merged", output: str | Path | None = None,
                    format: str = "peftkit", masks: MaskSource | None = None, progress: bool = False,
-                   overwrite: bool = False) -> Any:
+                   overwrite: bool = False, saved_modules: str = "refuse") -> Any:
     """Merge adapters (``AdapterState`` values or adapter directories) into a new ``AdapterState``.
 
     ``method``: a registered merge method (``peftkit.merging.MERGE_METHODS``: task_arithmetic, ties,
     dare_linear, dare_ties, magnitude_prune, breadcrumbs, della, pcb, model_stock, slerp) with its
     ``options`` (a dict or the method's options dataclass). ``rank``/``space``: see
     :mod:`peftkit.merging.adapters`. With ``output`` the result is also written there (atomically; an
-    existing directory is refused unless ``overwrite``). Everything is validated before any work.
+    existing directory is refused unless ``overwrite``). ``saved_modules``: ``"refuse"`` inputs carrying
+    ``modules_to_save`` copies (task heads do not average) or ``"drop"`` them. Everything is validated
+    before any work.
     """
     if format not in ("peftkit", "hf"):
         raise ConfigError(f"format {format!r} is not one of peftkit, hf")
@@ -44,7 +46,7 @@ def merge_adapters(inputs: Sequence[Any], method: str = "task_arithmetic", weigh
     if out is not None and out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; remove it or pass overwrite=True")
     states = [_as_state(x) for x in inputs]
-    merged = merge_states(states, method, weights, options, rank, space, name, masks, progress)
+    merged = merge_states(states, method, weights, options, rank, space, name, masks, progress, saved_modules)
     if out is not None:
         from ..io import write_adapters
 
