@@ -425,3 +425,23 @@ def test_compression_keeps_the_copies_exact(tmp_path):
     assert torch.equal(state.tensors["classifier.weight"], head.weight.detach())
     lora_b = peftkit.get_adapter(model, "a")["bert.encoder.layer.0.attention.self.query"].lora_B.detach()
     assert not torch.equal(state.tensors["bert.encoder.layer.0.attention.self.query.lora_B"], lora_b)
+
+
+def test_merge_file_drops_heads_when_asked(tmp_path):
+    from peftkit.merging.api import run_spec
+    from peftkit.merging.config import load_spec
+
+    model, _ = two_heads()
+    for n in ("a", "b"):
+        peftkit.save(model, tmp_path / n, name=n)
+    spec = tmp_path / "merge.yaml"
+    spec.write_text(f"inputs: [{tmp_path / 'a'}, {tmp_path / 'b'}]\nmethod: task_arithmetic\noutput: {tmp_path / 'm'}\n")
+    with pytest.raises(peftkit.ConfigError, match="saved_modules='drop'"):
+        run_spec(spec)
+    spec.write_text(spec.read_text() + "saved_modules: dorp\n")
+    with pytest.raises(peftkit.ConfigError, match="did you mean 'drop'"):
+        load_spec(spec)
+    spec.write_text(spec.read_text().replace("dorp", "drop"))
+    run_spec(spec, progress=False)
+    (state,) = peftkit.read_adapters(tmp_path / "m")
+    assert state.config.modules_to_save is None and "classifier" not in state.targets

@@ -45,6 +45,8 @@ def merge_adapters(inputs: Sequence[Any], method: str = "task_arithmetic", weigh
     out = Path(output) if output is not None else None
     if out is not None and out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; remove it or pass overwrite=True")
+    if saved_modules not in ("refuse", "drop"):  # before any input is read
+        raise ConfigError(f"saved_modules={saved_modules!r} is not one of 'refuse', 'drop'")
     states = [_as_state(x) for x in inputs]
     merged = merge_states(states, method, weights, options, rank, space, name, masks, progress, saved_modules)
     if out is not None:
@@ -62,5 +64,6 @@ def run_spec(spec: MergeSpec | str | Path, progress: bool = True) -> Path:
         return merge_checkpoints(spec.inputs, spec.output, spec.method, spec.weights, spec.options, spec.base,
                                  spec.shard_size, progress=progress, overwrite=spec.overwrite)
     merge_adapters(spec.inputs, spec.method, spec.weights, spec.options, spec.rank, spec.space, spec.name,
-                   spec.output, spec.format, progress=progress, overwrite=spec.overwrite)
+                   spec.output, spec.format, progress=progress, overwrite=spec.overwrite,
+                   saved_modules=spec.saved_modules)
     return spec.output
