@@ -445,3 +445,16 @@ def test_merge_file_drops_heads_when_asked(tmp_path):
     run_spec(spec, progress=False)
     (state,) = peftkit.read_adapters(tmp_path / "m")
     assert state.config.modules_to_save is None and "classifier" not in state.targets
+
+
+def test_copies_and_other_adapters_do_not_nest():
+    net = Net()
+    peftkit.attach(net, peftkit.LoRA(r=2, target_modules=["body"], modules_to_save=["head"]), name="a")
+    with pytest.raises(peftkit.TargetError, match=r"head.dense lies inside head, which adapter 'a' trains whole"):
+        peftkit.attach(net, peftkit.LoRA(r=2, target_modules=["dense"]), name="b")
+    peftkit.attach(net, peftkit.LoRA(r=2, target_modules=["body"], modules_to_save=["head"]), name="b")  # side by side
+    other = Net()
+    peftkit.attach(other, peftkit.LoRA(r=2, target_modules=["head.dense"]), name="a")
+    with pytest.raises(peftkit.TargetError, match=r"head holds adapted modules \(head.dense\) of another adapter"):
+        peftkit.attach(other, peftkit.LoRA(r=2, target_modules=["body"], modules_to_save=["head"]), name="b")
+    assert peftkit.adapter_names(other) == ["a"]

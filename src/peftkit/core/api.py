@@ -97,12 +97,15 @@ def _split_saved(model: nn.Module, config: AdapterConfig, names: list[str],
     modules) holds both, told apart by the ``modules_to_save`` rule."""
     wanted = saved_modules.entries(config)
     if not wanted:
-        return names, []
-    if resolve:
+        method, saved = names, []
+    elif resolve:
         saved = saved_modules.resolve(model, config)
-        return saved_modules.split_targets(names, saved, config.method), saved
-    saved = [n for n in names if saved_modules.is_saved(display_name(n), wanted)]
-    return [n for n in names if n not in saved], saved
+        method = saved_modules.split_targets(names, saved, config.method)
+    else:
+        saved = [n for n in names if saved_modules.is_saved(display_name(n), wanted)]
+        method = [n for n in names if n not in saved]
+    saved_modules.check_nesting(model, method, saved)
+    return method, saved
 
 
 def module_targets(model: nn.Module, config: AdapterConfig) -> list[str]:

@@ -232,6 +232,30 @@ def tied_parameter(model: nn.Module, name: str) -> tuple[str, str] | None:
     return None
 
 
+def check_nesting(model: nn.Module, method: list[str], saved: list[str]) -> None:
+    """Copies and adapters of *other* adapters must not nest: a copy holds a module's tensors by name, so a module
+    inside it cannot become a site (its tensors would move), and a module holding sites cannot be copied (the copy
+    would take the other adapters' tensors). :class:`TargetError` naming both modules."""
+    from .site import AdapterSite
+    from .targeting import display_name
+
+    for real in method + saved:
+        parts = real.split(".")
+        for i in range(1, len(parts) - (parts[-1] == "base")):  # not the site wrapping this very module
+            outer = model.get_submodule(".".join(parts[:i]))
+            if isinstance(outer, AdapterSite) and any(isinstance(m, SavedModule) for m in outer.adapters.values()):
+                owners = [n for n, m in outer.adapters.items() if isinstance(m, SavedModule)]
+                raise TargetError(f"{display_name(real)} lies inside {display_name('.'.join(parts[:i]))}, which adapter "
+                                  f"{owners[0]!r} trains whole (modules_to_save); adapt or save modules outside it, "
+                                  "or delete that adapter first")
+    for real in saved:
+        inner = next((n for n, m in model.get_submodule(real).named_modules() if n and isinstance(m, AdapterSite)), None)
+        if inner is not None:
+            raise TargetError(f"modules_to_save: {display_name(real)} holds adapted modules ({display_name(real)}."
+                              f"{display_name(inner)}) of another adapter, whose tensors a copy would take; save "
+                              "the module in an adapter attached before those")
+
+
 def _tensors(module: nn.Module) -> Iterable[torch.Tensor]:
     yield from module.parameters()
     for n in persistent_buffers(module):
