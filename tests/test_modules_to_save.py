@@ -458,3 +458,31 @@ def test_copies_and_other_adapters_do_not_nest():
     with pytest.raises(peftkit.TargetError, match=r"head holds adapted modules \(head.dense\) of another adapter"):
         peftkit.attach(other, peftkit.LoRA(r=2, target_modules=["body"], modules_to_save=["head"]), name="b")
     assert peftkit.adapter_names(other) == ["a"]
+
+
+def test_names_match_as_suffixes_like_peft_distilbert_pre_classifier(tmp_path):
+    """peft selects a module whose name *ends with* an entry: ``classifier`` also takes DistilBERT's freshly
+    initialised ``pre_classifier``; so does peftkit, and the file round-trips with both."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    def build():
+        torch.manual_seed(0)
+        cfg = DistilBertConfig(vocab_size=96, dim=32, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=64,
+                               num_labels=3)
+        return DistilBertForSequenceClassification(cfg).eval()
+
+    ids = torch.randint(0, 96, (3, 7), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    pm = get_peft_model(build(), LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["q_lin", "v_lin"]))
+    randomize([p for p in pm.parameters() if p.requires_grad])
+    want = logits(pm, inputs)
+    pm.save_pretrained(tmp_path)
+    fresh = build()
+    peftkit.load(fresh, tmp_path)
+    assert {p for p, m in peftkit.get_adapter(fresh, "default").items() if isinstance(m, SavedModule)} == {
+        "pre_classifier", "classifier"}
+    assert torch.allclose(logits(fresh, inputs), want, atol=1e-5)
+    ours = build()
+    peftkit.attach(ours, peftkit.LoRA(r=2, target_modules=["q_lin"], modules_to_save=["classifier"]))
+    assert {p for p, m in peftkit.get_adapter(ours, "default").items() if isinstance(m, SavedModule)} == {
+        "pre_classifier", "classifier"}
