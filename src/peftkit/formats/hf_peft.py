@@ -195,8 +195,11 @@ def files(states: list[AdapterState], module_names: list[str] | None = None) -> 
 
 def base_fields(state: AdapterState) -> dict[str, Any]:
     cls = str(state.base.get("class") or "")
-    # SEQ_CLS/TOKEN_CLS would make peft expect a trained copy of the head in the file
+    # SEQ_CLS makes peft expect a trained copy of the head in the file (it adds "classifier" and "score" to
+    # modules_to_save): written when the adapter carries its head, as peft's own SEQ_CLS adapters do
     task = "CAUSAL_LM" if cls.endswith("ForCausalLM") else None
+    if cls.endswith("ForSequenceClassification") and saved_modules.entries(state.config):
+        task = "SEQ_CLS"
     return {
         "base_model_name_or_path": state.base.get("name_or_path") or None,
         "inference_mode": True,
