@@ -486,3 +486,15 @@ def test_names_match_as_suffixes_like_peft_distilbert_pre_classifier(tmp_path):
     peftkit.attach(ours, peftkit.LoRA(r=2, target_modules=["q_lin"], modules_to_save=["classifier"]))
     assert {p for p, m in peftkit.get_adapter(ours, "default").items() if isinstance(m, SavedModule)} == {
         "pre_classifier", "classifier"}
+
+
+def test_hf_target_modules_are_leaf_names_beside_a_nested_head(tmp_path):
+    """Linear layers named like the head's own (``head.dense``) do not force a regular expression: peft never
+    targets modules inside a saved one."""
+    net = Net()
+    net.dense = nn.Linear(4, 4)  # a target whose leaf name the head's submodule shares
+    peftkit.attach(net, peftkit.LoRA(r=2, target_modules=["body", "dense"], modules_to_save=["head"]))
+    assert set(peftkit.get_adapter(net, "default")) == {"body", "dense", "head"}
+    peftkit.save(net, tmp_path, format="hf")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["body", "dense"] and cfg["modules_to_save"] == ["head"]

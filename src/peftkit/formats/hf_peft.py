@@ -218,6 +218,8 @@ def _one(state: AdapterState, module_names: list[str] | None) -> dict[str, bytes
     hf = base_fields(state)
     hf.update(codec.config_to_hf(state.config, targets))
     if codec.module_level:
+        if module_names is not None and saved:  # peft never targets modules inside (or equal to) a saved one
+            module_names = [n for n in module_names if not any(n == s or n.startswith(s + ".") for s in saved)]
         hf["target_modules"] = target_modules(targets, module_names)
         hf.setdefault("exclude_modules", None)
     hf["peft_type"] = codec.peft_type
