@@ -196,6 +196,17 @@ def test_merge_unmerge_delete():
     assert torch.equal(logits(model, inputs), logits(fresh, inputs))
 
 
+def test_unload_with_merge_keeps_the_trained_head():
+    model, inputs = two_heads()
+    peftkit.activate(model, "b")
+    want = logits(model, inputs)
+    head = peftkit.get_adapter(model, "b")["classifier"].weight.detach().clone()
+    model = peftkit.unload(model, merge=True)
+    assert type(model.classifier) is nn.Linear and torch.equal(model.classifier.weight, head)
+    assert not any(isinstance(m, (AdapterSite, SavedModule)) for m in model.modules())
+    assert torch.allclose(logits(model, inputs), want, atol=1e-5)
+
+
 class Head(nn.Module):
     def __init__(self) -> None:
         super().__init__()
