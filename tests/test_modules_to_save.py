@@ -311,6 +311,9 @@ def test_head_lr_applies_to_the_copies(tmp_path):
     assert torch.equal(model.classifier.base.weight, base_head)
     saved = json.loads((tmp_path / "run" / "adapter" / "peftkit_adapter.json").read_text())
     assert "classifier.weight" in saved["tensors"] and saved["config"]["modules_to_save"] == ["classifier"]
+    assert not (tmp_path / "run" / "adapter" / "extra.safetensors").exists()
+    with pytest.raises(peftkit.ConfigError, match="'classifier' is in an adapter's modules_to_save"):
+        train(model, cfg(tmp_path, "twice"), cls_examples(), collate=collate, trainable_extra=["classifier"])
 
 
 def test_training_hooks_see_the_method_modules_only():

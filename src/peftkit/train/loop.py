@@ -30,7 +30,7 @@ from torch import nn
 from ..core import hooks
 from ..core.api import adapter_parameters
 from ..core.errors import ConfigError, did_you_mean
-from ..core.saved_modules import copy_parameters
+from ..core.saved_modules import SavedModule, copy_parameters
 from ..core.sharding import full_state, is_distributed, scalar
 from . import checkpoint, distributed, report
 from .config import TrainConfig
@@ -411,6 +411,10 @@ def _unfreeze_extra(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Para
         if name not in modules:
             raise ConfigError(f"trainable_extra: no module named {name!r} in {type(model).__name__}"
                               f"{did_you_mean(name, [n for n in modules if n])}")
+        saved = [n for n, m in modules[name].named_modules() if isinstance(m, SavedModule)]
+        if saved:
+            raise ConfigError(f"trainable_extra: {name!r} is in an adapter's modules_to_save ({name}.{saved[0]}): its "
+                              "copy trains with the adapter already; leave it out of trainable_extra")
         for pname, p in modules[name].named_parameters():
             p.requires_grad_(True)
             out[f"{name}.{pname}" if name else pname] = p  # "" is the whole model (full fine-tuning)
