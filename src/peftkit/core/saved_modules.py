@@ -18,6 +18,9 @@ exactly the keys peft writes for a ``modules_to_save`` entry.
 
 A module selected both by the method's targets and by ``modules_to_save`` is an error naming it;
 method targets *inside* a saved module are left out (peft's rule: the whole module is trained).
+With several active adapters holding a copy of one module, the last one's copy is used (peft allows
+one active adapter there). A parameter tied to another module (GPT-2's ``lm_head`` and input
+embedding) is copied untied; such a copy cannot be merged (the other module would change too).
 """
 
 from __future__ import annotations
