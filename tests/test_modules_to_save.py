@@ -512,3 +512,19 @@ def test_hf_target_modules_are_leaf_names_beside_a_nested_head(tmp_path):
     peftkit.save(net, tmp_path, format="hf")
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["target_modules"] == ["body", "dense"] and cfg["modules_to_save"] == ["head"]
+
+
+def test_serve_labels_from_task_records_must_agree(tmp_path):
+    from peftkit.serve.server import adapter_labels
+    from peftkit.tasks import write_task
+
+    dirs = []
+    for name, labels in [("a", ["neg", "pos"]), ("b", ["neg", "pos"]), ("c", None), ("d", ["x", "y"])]:
+        (tmp_path / name).mkdir()
+        if labels is not None:
+            write_task(tmp_path / name, {"task": "classification", "model": "m", "labels": labels})
+        dirs.append((name, tmp_path / name))
+    assert adapter_labels(dirs[:3]) == ["neg", "pos"]
+    assert adapter_labels(dirs[2:3]) is None
+    with pytest.raises(peftkit.ConfigError, match=r"'d' was trained on labels \['x', 'y'\] but 'a' on \['neg', 'pos'\]"):
+        adapter_labels(dirs)
