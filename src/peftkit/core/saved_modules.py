@@ -61,8 +61,6 @@ class ModuleCopy(AdapterModule):
         for n in self.buffer_names:
             owner, leaf = self._holder(n, taken)
             owner.register_buffer(leaf, base.get_buffer(n).detach().clone())
-        #: the base tensors replaced by a merge, restored by unmerge
-        self._stash: dict[str, torch.Tensor] = {}
 
     def _holder(self, dotted: str, taken: set[str]) -> tuple[nn.Module, str]:
         """The (plain) submodule of this copy that holds tensor ``dotted`` (``dense.weight`` → ``self.dense``)."""
@@ -90,22 +88,26 @@ class ModuleCopy(AdapterModule):
     def _base_tensor(self, base: nn.Module, n: str) -> torch.Tensor:
         return base.get_parameter(n) if n in self.param_names else base.get_buffer(n)
 
+    @staticmethod
+    def _stash_name(n: str) -> str:
+        return "merge_stash_" + n.replace(".", "__")
+
     @torch.no_grad()
     def merge_into(self, base: nn.Module) -> None:
+        """``θ ← θ'``; the base ``θ`` is kept aside in non-persistent buffers (they follow ``.to(device)``)."""
         for n in self.param_names + self.buffer_names:
             t = self._base_tensor(base, n)
-            self._stash[n] = t.detach().clone()
+            self.register_buffer(self._stash_name(n), t.detach().clone(), persistent=False)
             mine = self.get_parameter(n) if n in self.param_names else self.get_buffer(n)
             t.data = mine.detach().to(t.dtype).clone()
 
     @torch.no_grad()
     def unmerge_from(self, base: nn.Module) -> None:
         for n in self.param_names + self.buffer_names:
-            stash = self._stash.pop(n, None)
+            stash = self._buffers.pop(self._stash_name(n), None)
             if stash is not None:
                 t = self._base_tensor(base, n)
                 t.data = stash.to(t.dtype)
-
 
 
 class SavedModule(ModuleCopy):
