@@ -528,3 +528,19 @@ def test_serve_labels_from_task_records_must_agree(tmp_path):
     assert adapter_labels(dirs[2:3]) is None
     with pytest.raises(peftkit.ConfigError, match=r"'d' was trained on labels \['x', 'y'\] but 'a' on \['neg', 'pos'\]"):
         adapter_labels(dirs)
+
+
+def test_split_saved_keeps_a_file_configs_state(tmp_path):
+    """A CorDA adapter read from a file needs no covariances (its factors are in the file); without its head it
+    still installs."""
+    from peftkit.core.saved_modules import split_saved
+
+    case = next(c for c in CONTRACT if c.id.startswith("corda") and c.model == "llama")
+    model, _, _ = MODELS["llama"](0)
+    peftkit.attach(model, case.config().replace(modules_to_save=["lm_head"]))
+    peftkit.save(model, tmp_path)
+    plain, head = split_saved(peftkit.read_adapters(tmp_path)[0])
+    assert list(head) == ["lm_head.weight"] and plain.config.modules_to_save is None
+    fresh, _, _ = MODELS["llama"](0)
+    peftkit.install(fresh, plain)
+    assert "lm_head" not in peftkit.get_adapter(fresh, "default")

@@ -25,6 +25,7 @@ embedding) is copied untied; such a copy cannot be merged (the other module woul
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -313,7 +314,9 @@ def split_saved(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
         return state, {}
     copies = {k: t for k, t in state.tensors.items() if saved_root(k, names) is not None}
     targets = None if state.targets is None else [t for t in state.targets if not is_saved(t, names)]
-    rest = state.replace(config=state.config.replace(modules_to_save=None), targets=targets,
+    config = copy.copy(state.config)  # not dataclasses.replace: a config read from a file keeps its flags (CorDA)
+    config.modules_to_save = None
+    rest = state.replace(config=config, targets=targets,
                          tensors={k: t for k, t in state.tensors.items() if k not in copies},
                          layers={p: f for p, f in state.layers.items() if not is_saved(p, names)})
     return rest, copies
