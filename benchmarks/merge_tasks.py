@@ -2,8 +2,9 @@
 
 Inputs: two LoRA adapters trained with ``peftkit train --model minilm-l6 --task classification`` with
 the same targets (``bash benchmarks/merge_train.sh`` trains them: SST-2 and the generated topic task of
-``benchmarks/merge_topic_data.py``). Each task keeps its own classification head
-(``extra.safetensors``); only the adapters are merged. Printed, per merge method: each task's
+``benchmarks/merge_topic_data.py``). Each task keeps its own classification head (the adapter's
+``modules_to_save`` copy, or ``extra.safetensors`` in outputs of older peftkit versions); only the
+adapters are merged (``saved_modules="drop"``). Printed, per merge method: each task's
 validation accuracy with the merged adapter, as a fraction of its accuracy with its own adapter
 (goal ≥ 0.95); for ComPEFT (density 0.1): the adapter file size ratio (goal ≥ 8x) and the
 accuracy change (goal ≤ 1 point); for int8 / int4 factors the size ratio (and the accuracy with
@@ -25,16 +26,30 @@ import torch
 
 import peftkit
 from peftkit import tasks
+from peftkit.core.saved_modules import split_saved
 from peftkit.data import batches, load_records
 from peftkit.train import load_extra
 
 LIMIT: int | None = None  # score on the first LIMIT validation rows (CPU budget); None: all
 
 
+def load_head(model: torch.nn.Module, adapter: Path) -> None:
+    """The task's trained head (its adapter's modules_to_save copy, or an older output's extra.safetensors) as the
+    model's own head weights."""
+    if (adapter / "extra.safetensors").is_file():
+        load_extra(model, adapter)
+        return
+    _, head = split_saved(peftkit.read_adapters(adapter)[0])
+    missing = set(head) - set(dict(model.named_parameters()))
+    if not head or missing:
+        raise SystemExit(f"{adapter}: no classification head to restore ({sorted(missing) or 'no modules_to_save'})")
+    model.load_state_dict(head, strict=False)
+
+
 def accuracy(adapter: Path, head: Path, info: dict, data: str) -> float:
     model, tok = tasks.load_model(info["model"], "classification", num_labels=len(info["labels"]))
-    peftkit.load(model, adapter)
-    load_extra(model, head)
+    load_head(model, head)
+    peftkit.load(model, adapter)  # an adapter that carries a head (the compressed ones) uses its own copy
     records = load_records(data, info.get("columns"))[:LIMIT]
     ex, _ = tasks.examples("classification", records, tok, info.get("max_length") or 128, info["labels"], None)
     bl = batches(ex, 64, tok.pad_token_id or 0, shuffle=False, seed=0, bucket=False)
@@ -43,7 +58,11 @@ def accuracy(adapter: Path, head: Path, info: dict, data: str) -> float:
 
 
 def adapter_bytes(d: Path) -> int:
-    return sum(f.stat().st_size for f in d.iterdir() if f.is_file() and f.name not in ("extra.safetensors", "peftkit_task.json"))
+    """The adapter's files without the task head (stored exactly in both the original and the compressed adapter,
+    its ``modules_to_save`` copy is left out as ``extra.safetensors`` was)."""
+    files = sum(f.stat().st_size for f in d.iterdir() if f.is_file() and f.name not in ("extra.safetensors", "peftkit_task.json"))
+    _, head = split_saved(peftkit.read_adapters(d)[0])
+    return files - sum(t.numel() * t.element_size() for t in head.values())
 
 
 def main() -> None:
@@ -82,7 +101,7 @@ def main() -> None:
     for label, kw in ({} if a.compress_only else merges).items():
         out = wd / label.split(" ")[0] / str(len(results))
         t0 = time.perf_counter()
-        peftkit.merge_adapters([dirs["sst2"], dirs["topic"]], output=out, **kw)
+        peftkit.merge_adapters([dirs["sst2"], dirs["topic"]], output=out, saved_modules="drop", **kw)
         secs = time.perf_counter() - t0
         row = {"merge_seconds": secs}
         for k in dirs:

@@ -12,7 +12,7 @@ results.json); ``--steps 2 --eval-rows 32`` is a smoke test. Step time is the
 training loop's wall time over its steps (2 CPU threads unless ``OMP_NUM_THREADS`` says otherwise), so
 compare it only within one run on a quiet machine. Trainable parameters exclude the classification
 head (770 for 2 labels), which every method trains; checkpoint size is the adapter file(s) without
-the head (``extra.safetensors``).
+the head's tensors (the adapter's ``modules_to_save`` copy, or ``extra.safetensors`` of older outputs).
 """
 
 from __future__ import annotations
@@ -57,9 +57,19 @@ def run(method: str, args: argparse.Namespace, out: Path) -> dict:
     m = json.loads((out / method / "metrics.json").read_text())
     adapter = out / method / "adapter"
     size = sum(f.stat().st_size for f in adapter.iterdir() if f.is_file() and f.name != "extra.safetensors")
+    size -= head_bytes(adapter)
     return {"method": method, "accuracy": m["eval_accuracy"], "trainable": m["trainable_params"] - HEAD_PARAMS,
             "step_ms": 1000 * m["train_seconds"] / max(1, m["steps"]), "checkpoint_bytes": size, "lr": lr,
             "options": " ".join(opts)}
+
+
+def head_bytes(adapter: Path) -> int:
+    """Bytes of the classification head's tensors inside the adapter (its modules_to_save copy)."""
+    import peftkit
+    from peftkit.core.saved_modules import split_saved
+
+    _, head = split_saved(peftkit.read_adapters(adapter)[0])
+    return sum(t.numel() * t.element_size() for t in head.values())
 
 
 def pareto(rows: list[dict]) -> list[dict]:

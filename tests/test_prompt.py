@@ -105,13 +105,19 @@ def test_peft_file_loads_with_same_outputs(arch, tmp_path):
     assert peftkit.get_method("prompt_tuning") is PromptTuning
 
 
-def test_peft_seq_cls_file_with_head_is_refused_clearly(tmp_path):
-    pm, _, _, _ = _pair("bert")
-    pm.save_pretrained(tmp_path)  # peft's SEQ_CLS saves a copy of the classifier (modules_to_save)
+def test_peft_seq_cls_file_with_a_trained_head_loads_with_same_outputs(tmp_path):
+    pm, _, inputs, out = _pair("bert")
+    with torch.no_grad():  # peft's SEQ_CLS trains and saves a copy of the classifier (modules_to_save)
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+        ref = out(pm(**inputs))
+    pm.save_pretrained(tmp_path)
     fresh, _, _ = MODELS["bert"](0)
-    with pytest.raises(peftkit.AdapterLoadError, match="modules_to_save"):
-        peftkit.load(fresh, tmp_path)
-    assert not any(isinstance(m, AdapterSite) for m in fresh.modules())
+    peftkit.load(fresh, tmp_path)
+    assert isinstance(fresh.classifier, AdapterSite)  # the head's copy travels with the prompt
+    with torch.no_grad():
+        assert torch.allclose(out(fresh(**inputs)), ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])

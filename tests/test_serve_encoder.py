@@ -95,3 +95,76 @@ def test_classification_uses_each_adapter_and_names_labels(tmp_path):
             probs = torch.tensor([[d["probabilities"][k] for k in ("neg", "neu", "pos")] for d in data])
             torch.testing.assert_close(probs, alone(True, dirs.get(name), TEXTS), atol=1e-5, rtol=1e-4)
             assert [d["label"] for d in data] == [["neg", "neu", "pos"][i] for i in probs.argmax(-1).tolist()]
+
+
+def test_classification_with_each_adapters_own_head_in_mixed_batches(tmp_path):
+    """Adapters trained with their own head (``modules_to_save``): rows of one batch get their adapter's head."""
+    dirs = {}
+    for k, name in enumerate(["h0", "h1"]):
+        model, _ = tiny_encoder(True)
+        peftkit.attach(model, peftkit.LoRA(r=4, alpha=8, target_modules=["query"], modules_to_save=["classifier"]),
+                       name=name)
+        g = torch.Generator().manual_seed(70 + k)
+        with torch.no_grad():
+            for p in peftkit.adapter_parameters(model).values():
+                p.add_(torch.randn(p.shape, generator=g))
+        dirs[name] = peftkit.save(model, tmp_path / name)
+    model, tok = tiny_encoder(True)
+    app, engine = build(model, tok, list(dirs.items()), max_adapters=2, max_batch=8)
+    jobs = [(name, TEXTS[i % 3:i % 3 + 2]) for i, name in enumerate(["h0", "h1", "base"] * 3)]
+    with running_server(app) as url:
+        def ask(job):
+            r = httpx.post(url + "/v1/classifications", json={"model": job[0], "input": job[1]}, timeout=30)
+            assert r.status_code == 200, r.text
+            return torch.tensor([[d["probabilities"][k] for k in ("neg", "neu", "pos")] for d in r.json()["data"]])
+
+        with cf.ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(ask, jobs))
+    for (name, texts), probs in zip(jobs, got, strict=True):
+        torch.testing.assert_close(probs, alone(True, dirs.get(name), texts), atol=1e-5, rtol=1e-4)
+    heads = [alone(True, dirs[n], TEXTS) for n in ("h0", "h1")]
+    assert not torch.allclose(heads[0], heads[1], atol=1e-3)
+    assert engine.mixed_steps > 0
+
+
+def test_serve_command_takes_labels_and_heads_from_trained_adapters(bert_dir, tmp_path, monkeypatch):
+    """``peftkit train --task classification`` twice, then ``peftkit serve --task classification`` on both: the label
+    names come from the adapters' task records and each adapter answers with its own head."""
+    import uvicorn
+
+    from peftkit import tasks
+    from peftkit.cli.main import main
+
+    from .tiny_tokenizers import WORDS
+
+    data = tmp_path / "train.tsv"
+    data.write_text("text\tlabel\n" + "".join(f"{w} good movie\tpos\n{w} bad movie\tneg\n" for w in WORDS[:6]))
+    dirs = {}
+    for k, name in enumerate(["s0", "s1"]):
+        assert main(["train", "--model", str(bert_dir), "--task", "classification", "--method", "lora", "--r", "2",
+                     "--target-modules", "query", "--data", str(data), "--output", str(tmp_path / name), "--seed", str(k),
+                     "--max-steps", "2", "--batch-size", "4", "--head-lr", "0.5"]) == 0
+        dirs[name] = tmp_path / name / "adapter"
+    labels = tasks.read_task(dirs["s0"])["labels"]
+    got = {}
+
+    def fake_run(app, **_kwargs):  # serve the built app on a loopback port and ask it
+        with running_server(app) as url:
+            for name in dirs:
+                r = httpx.post(url + "/v1/classifications", json={"model": name, "input": TEXTS}, timeout=30)
+                assert r.status_code == 200, r.text
+                got[name] = r.json()["data"]
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    assert main(["serve", "--model", str(bert_dir), "--task", "classification", "--adapters",
+                 *[f"{n}={d}" for n, d in dirs.items()]]) == 0
+    for name, d in dirs.items():
+        assert {x["label"] for x in got[name]} <= set(labels)
+        probs = torch.tensor([[x["probabilities"][label] for label in labels] for x in got[name]])
+        model, tok = tasks.load_adapted(d, tasks.read_task(d))
+        with torch.no_grad():
+            want = torch.softmax(model(**tok(TEXTS, padding=True, return_tensors="pt")).logits, -1)
+        torch.testing.assert_close(probs, want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(torch.tensor([[x["probabilities"][label] for label in labels] for x in got["s0"]]),
+                              torch.tensor([[x["probabilities"][label] for label in labels] for x in got["s1"]]),
+                              atol=1e-4)

@@ -182,9 +182,11 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
             from ..data.batching import collate  # CorDA: covariances from training examples, one per batch
 
             config = config.calibrate(model, (collate([e], tok.pad_token_id or 0) for e in ex))
+        if task == "classification":  # the new head trains with the adapter, as a copy saved in it (peft's SEQ_CLS)
+            config = with_head(config, tasks.head_name(model))
         attach(model, config)
         print(summary(model))
-        extra_modules = [tasks.head_name(model)] if task == "classification" else []
+        extra_modules: list[str] = []
     else:
         extra_modules = [""]
     evaluate = tasks.classification_metrics if task == "classification" else None
@@ -355,10 +357,16 @@ def export(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     save(model, out, format=args.format)
     print(f"{args.format} adapter written to {out}")
-    if (d / "extra.safetensors").is_file():
+    if (d / "extra.safetensors").is_file():  # an output of peftkit < modules_to_save: the head is a side file
         print(f"note: {d / 'extra.safetensors'} (the trained classification head) is not part of the {args.format} "
               "adapter; copy it along or load it with peftkit.train.load_extra")
     return 0
+
+
+def with_head(config: Any, head: str) -> Any:
+    """``config`` with the classification head ``head`` in its ``modules_to_save`` (added once)."""
+    names = list(config.modules_to_save or [])
+    return config if head in names else config.replace(modules_to_save=[*names, head])
 
 
 def demo(args: argparse.Namespace, extra: list[str]) -> int:

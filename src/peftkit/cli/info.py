@@ -98,7 +98,7 @@ def describe(d: Path) -> list[str] | None:
         found = check_safetensors(weights)
         n = sum(_numel(shape) for _, shape in found.values())
         mods = {k.rsplit(".", 2)[0] for k in found}
-        shown = ("r", "lora_alpha", "use_dora", "use_rslora", "num_virtual_tokens", "oft_block_size")
+        shown = ("r", "lora_alpha", "use_dora", "use_rslora", "num_virtual_tokens", "oft_block_size", "modules_to_save")
         keep = {k: cfg[k] for k in shown if k in cfg}
         return [str(d), "hf peft", str(cfg.get("peft_type")).lower(), str(len(mods)), str(len(found)), f"{n:,}",
                 _short(keep)]

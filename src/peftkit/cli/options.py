@@ -20,7 +20,7 @@ from ..core.registry import get_method
 from .flags import METHOD_ALIASES, unknown_option
 
 # options whose value is a list even though their default is None
-LIST_OPTIONS = {"target_modules", "exclude_modules", "feedforward_modules", "init_token_ids"}
+LIST_OPTIONS = {"target_modules", "exclude_modules", "modules_to_save", "feedforward_modules", "init_token_ids"}
 
 
 def method_fields(cls: type[AdapterConfig]) -> dict[str, dataclasses.Field]:

@@ -10,14 +10,14 @@ Methods (math in :mod:`peftkit.formats.tensor_codec`):
 * ``"int8"`` / ``"int4"`` — symmetric per-row quantisation with float32 row scales.
 
 Tensors smaller than ``min_numel`` and non-floating tensors stay exact; shared tensors (frozen
-seeded bases) stay exact. ComPEFT's task vector is each tensor's change from the value it was built
-with, when the method's config determines that value (``AdapterConfig.initial_value``): ``l − 1``
-for an IA3 vector, ``A − A₀`` for a LoRA factor drawn from the recorded ``init_seed`` (``A₀`` is
-regenerated when decoding, never stored); otherwise the tensor itself (LoRA adapters read from
-peft files, which carry no seed, compress ``A`` as it is, a lossier approximation, with a warning).
-``B A`` is never formed. From a folder,
-the files that are not adapter files (a trained head ``extra.safetensors``, ``peftkit_task.json``) are
-copied unchanged.
+seeded bases) and ``modules_to_save`` copies (a whole classification head, no task vector) stay
+exact. ComPEFT's task vector is each tensor's change from the value it was built with, when the
+method's config determines that value (``AdapterConfig.initial_value``): ``l − 1`` for an IA3
+vector, ``A − A₀`` for a LoRA factor drawn from the recorded ``init_seed`` (``A₀`` is regenerated
+when decoding, never stored); otherwise the tensor itself (LoRA adapters read from peft files,
+which carry no seed, compress ``A`` as it is, a lossier approximation, with a warning). ``B A`` is
+never formed. From a folder, the files that are not adapter files (a trained head
+``extra.safetensors`` of older outputs, ``peftkit_task.json``) are copied unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..core import saved_modules
 from ..core.errors import ConfigError, did_you_mean
 from ..formats import tensor_codec as codec
 
@@ -57,6 +58,8 @@ def encode_tensor(key: str, t: Any, state: Any, method: str, density: float, sca
                   min_numel: int) -> tuple[dict[str, Any], bytes]:
     if not t.is_floating_point() or t.numel() < max(min_numel, 2):
         return codec.raw_encode(t)
+    if saved_modules.saved_root(key, saved_modules.entries(state.config)) is not None:
+        return codec.raw_encode(t)  # a modules_to_save copy (a whole head): trained values, not a task vector
     if method == "compeft":
         start = initial_value(state, key, tuple(t.shape))
         return codec.compeft_encode(t, density, scale, alpha, 0.0 if start is None else start)

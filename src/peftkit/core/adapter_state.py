@@ -110,7 +110,7 @@ def install(model: nn.Module, state: AdapterState, name: str | None = None, *, t
     adapters keep their trainable flags; with ``activate`` the new adapter becomes the only
     active one, else the active set is unchanged.
     """
-    from .api import install_plan, module_targets, prepare
+    from .api import install_plan, module_targets, prepare, saved_targets
     from .sharding import check_unsharded
 
     check_unsharded(model, "load")
@@ -124,11 +124,14 @@ def install(model: nn.Module, state: AdapterState, name: str | None = None, *, t
     tensors = state.tensors
     targets = state.targets
     try:
-        if targets is None:
+        if targets is None:  # a prompt-learning adapter read from peft's files: bare tensor names
             targets = module_targets(model, state.config)
             if len(targets) != 1:
                 raise ConfigError(f"expected exactly one module for {state.config.method}, found {len(targets)}")
-            tensors = {f"{targets[0]}.{k}": v for k, v in tensors.items()}
+            saved = saved_targets(model, state.config)  # modules_to_save copies keep their module paths
+            tensors = {k if any(k.startswith(p + ".") for p in saved) else f"{targets[0]}.{k}": v
+                       for k, v in tensors.items()}
+            targets = targets + saved
         plan = prepare(model, state.config, name, targets)
     except ConfigError as e:
         raise AdapterLoadError(f"{source}: adapter does not fit {type(model).__name__}: {e}") from None

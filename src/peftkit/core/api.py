@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from . import saved_modules
 from .adapter import AdapterModule, SharedTensors
 from .config import AdapterConfig
 from .errors import ConfigError, NotMergeableError, PeftkitError, TargetError
@@ -26,6 +27,7 @@ from .model import (
     unknown_adapter,
     validate_adapter_name,
 )
+from .saved_modules import SavedModule
 from .site import ROW_GROUPS, AdapterSite, RowGroups
 from .targeting import display_name, resolve_targets
 
@@ -52,7 +54,7 @@ def prepare(model: nn.Module, config: AdapterConfig, name: str, targets: Sequenc
         raise ConfigError(f"an adapter named {name!r} is already attached; pick another name or delete it first")
     config.check_types()
     config.validate()
-    module_names = _module_names(model, config, targets)
+    module_names, saved = _split_saved(model, config, _module_names(model, config, targets), targets is None)
     problems: list[str] = []
     bases: list[tuple[str, nn.Module]] = []
     for mname in module_names:
@@ -80,12 +82,42 @@ def prepare(model: nn.Module, config: AdapterConfig, name: str, targets: Sequenc
             module.shared = shared  # one module for every layer: its tensors exist once
         _place_like(module, base)
         plan.append((mname, base, module))
+    for mname in saved:  # modules_to_save: trainable copies of whole modules, after the method's own modules
+        base = model.get_submodule(mname)
+        module = SavedModule(config, base, saved_modules.tied_parameter(model, mname))
+        _place_like(module, base)
+        plan.append((mname, base, module))
     return plan
 
 
+def _split_saved(model: nn.Module, config: AdapterConfig, names: list[str],
+                 resolve: bool) -> tuple[list[str], list[str]]:
+    """``(method targets, modules_to_save copies)`` as module names. ``resolve``: ``names`` came from the
+    config's patterns and the copies are looked up in the model; else ``names`` (an adapter's recorded
+    modules) holds both, told apart by the ``modules_to_save`` rule."""
+    wanted = saved_modules.entries(config)
+    if not wanted:
+        method, saved = names, []
+    elif resolve:
+        saved = saved_modules.resolve(model, config)
+        method = saved_modules.split_targets(names, saved, config.method)
+    else:
+        saved = [n for n in names if saved_modules.is_saved(display_name(n), wanted)]
+        method = [n for n in names if n not in saved]
+    saved_modules.check_nesting(model, method, saved)
+    return method, saved
+
+
 def module_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """The module paths ``config`` selects in ``model`` (its patterns, or its defaults for the model type)."""
-    return [display_name(n) for n in _module_names(model, config, None)]
+    """The module paths ``config`` selects in ``model`` (its patterns, or its defaults for the model type);
+    ``modules_to_save`` copies not included (:func:`saved_targets`)."""
+    names, _saved = _split_saved(model, config, _module_names(model, config, None), True)
+    return [display_name(n) for n in names]
+
+
+def saved_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """The module paths whose copies ``config.modules_to_save`` asks for in ``model``."""
+    return [display_name(n) for n in saved_modules.resolve(model, config)]
 
 
 def _module_names(model: nn.Module, config: AdapterConfig, targets: Sequence[str] | None) -> list[str]:

@@ -51,6 +51,7 @@ class AdapterConfig:
 
     target_modules: Any = None
     exclude_modules: Any = None
+    modules_to_save: list[str] | None = field(default=None, kw_only=True)
 
     # -- hooks a method may override -------------------------------------------------
     def validate(self) -> None:
@@ -126,6 +127,11 @@ class AdapterConfig:
             value = getattr(self, f.name)
             if f.name in ("target_modules", "exclude_modules"):
                 _check_patterns(type(self).__name__, f.name, value)
+                continue
+            if f.name == "modules_to_save":
+                from .saved_modules import check_entries
+
+                check_entries(type(self).__name__, value)
                 continue
             problem = _type_problem(value, hint)
             if problem:

@@ -14,9 +14,9 @@ without them costs nothing):
   (``zero_grad`` comes after): rank allocation, growth, drop/regrow, merge-and-restart;
 * ``regularization_loss(modules, info) -> Tensor | None`` — a term added to the training loss.
 
-``modules`` is ``{module path: AdapterModule}`` of one adapter, so a hook sees the whole adapter
-(a global rank budget spans every layer); ``info`` is a :class:`StepInfo`. Hooks run for the
-adapters being trained (those with a trainable parameter), in attachment order. All the state
+``modules`` is ``{module path: AdapterModule}`` of one adapter (its ``modules_to_save`` copies left
+out), so a hook sees the whole adapter (a global rank budget spans every layer); ``info`` is a
+:class:`StepInfo`. Hooks run for the adapters being trained (those with a trainable parameter), in attachment order. All the state
 a hook keeps lives in the adapter modules or their config, never in the loop.
 
 A training loop calls, for optimizer step ``step`` (0-based) of ``total_steps``::
@@ -43,6 +43,7 @@ from torch import nn
 
 from .adapter import AdapterModule
 from .model import adapter_modules, adapter_names
+from .saved_modules import SavedModule
 
 HOOKS = ("before_step", "after_backward", "after_step", "regularization_loss")
 
@@ -67,8 +68,11 @@ class StepInfo:
 def _trained(model: nn.Module) -> list[tuple[str, Any, dict[str, AdapterModule]]]:
     out = []
     for name in adapter_names(model):
-        mods = {path: mod for path, _site, mod in adapter_modules(model, name)}
-        if not mods or not any(p.requires_grad for m in mods.values() for p in m.parameters()):
+        every = {path: mod for path, _site, mod in adapter_modules(model, name)}
+        if not any(p.requires_grad for m in every.values() for p in m.parameters()):
+            continue
+        mods = {path: mod for path, mod in every.items() if not isinstance(mod, SavedModule)}
+        if not mods:
             continue
         out.append((name, next(iter(mods.values())).config, mods))
     return out

@@ -17,7 +17,7 @@ import torch
 #: fields of every peft config that describe the file, not the adapter's math
 META_KEYS = frozenset({
     "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "target_modules", "exclude_modules",
+    "inference_mode", "target_modules", "exclude_modules", "modules_to_save",
 })
 
 

@@ -8,7 +8,10 @@ goes to the sub-folder of its name.
 
 Each method that peft shares with peftkit declares an :class:`~peftkit.formats.codec.HFCodec` on
 its config class; this module finds it, reads and writes the files, and groups tensors by
-module path. It knows nothing of models and never imports ``peft``.
+module path. ``modules_to_save`` (whole modules trained with the adapter, e.g. a classification head)
+is handled here for every method: the config entry is read and written as peft has it, and the copies'
+tensors are ``base_model.model.<module path>.<tensor name>`` (peft's ``ModulesToSaveWrapper`` keys without
+its ``modules_to_save.<adapter>.`` part). It knows nothing of models and never imports ``peft``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..core import saved_modules
 from ..core.adapter_state import AdapterState
 from ..core.config import AdapterConfig
 from ..core.errors import AdapterLoadError, ConfigError
@@ -28,6 +32,8 @@ from ..core.registry import METHODS
 from .codec import HFCodec
 
 PREFIX = "base_model.model."
+PROMPT_PREFIX = "base_model."  # the modules_to_save copies next to a prompt-learning adapter
+SAVED = "modules_to_save"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"
@@ -72,6 +78,7 @@ def read(reader: FolderReader, name: str | None = None) -> AdapterState:
     """The adapter in the folder of ``reader`` (named ``name``, default ``"default"``)."""
     source = str(reader.root)
     hf = parse_json(reader.read(CONFIG_FILE), reader.root / CONFIG_FILE)
+    saved_names = _saved_names(hf.pop(SAVED, None), source)  # modules_to_save: every method, handled here
     codec = codec_for_config(hf, source)
     refused, ignored = codec.unsupported(hf)
     if refused:
@@ -90,17 +97,49 @@ def read(reader: FolderReader, name: str | None = None) -> AdapterState:
     except (ConfigError, TypeError, ValueError, KeyError) as e:
         raise AdapterLoadError(f"{source}: cannot read the peft config: {e}") from None
     raw = _read_tensors(reader)
+    copies = _take_copies(raw, saved_names, codec.module_level)
+    # keep the entries the file has copies for (peft adds "classifier" and "score" to every SEQ_CLS config)
+    present = [n for n in saved_names if any(saved_modules.is_saved(root, [n]) for root, _ in copies)]
+    if present:
+        config = config.replace(modules_to_save=present)
     shared_keys = {v: k for k, v in codec.shared_names.items()}
     shared = {shared_keys[k]: t for k, t in raw.items() if k in shared_keys}
     raw = {k: t for k, t in raw.items() if k not in shared_keys}
     base = {"name_or_path": hf.get("base_model_name_or_path")}
     name = name or "default"
+    copy_tensors = {f"{root}.{rest}": t for (root, rest), t in copies.items()}
     if not codec.module_level:
         tensors = {codec.read_names.get(k, k): t for k, t in raw.items()}
-        return AdapterState(name, config, None, tensors, shared, {}, base)
+        return AdapterState(name, config, None, {**tensors, **copy_tensors}, shared, {}, base)
     targets, tensors = _split_by_module(raw, codec, source)
-    state = AdapterState(name, config, targets, tensors, shared, {}, base)
+    targets += [root for root in dict.fromkeys(root for root, _ in copies)]
+    state = AdapterState(name, config, targets, {**tensors, **copy_tensors}, shared, {}, base)
     return codec.from_file(state) if codec.from_file is not None else state
+
+
+def _saved_names(value: Any, source: str) -> list[str]:
+    """peft's ``modules_to_save`` as a list without repeats (peft's SEQ_CLS models append their head names again
+    for every adapter)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise AdapterLoadError(f"{source}: {SAVED} must be a list of module names, got {value!r}")
+    return list(dict.fromkeys(value))
+
+
+def _take_copies(raw: dict[str, torch.Tensor], names: list[str], module_level: bool) -> dict[tuple[str, str], torch.Tensor]:
+    """Remove the ``modules_to_save`` copies from ``raw``: ``{(module path, tensor name): tensor}``. peft keys them
+    ``base_model.model.<module>.<tensor>`` (``base_model.<module>.<tensor>`` next to a prompt-learning adapter)."""
+    if not names:
+        return {}
+    prefix = PREFIX if module_level else PROMPT_PREFIX
+    out: dict[tuple[str, str], torch.Tensor] = {}
+    for key in list(raw):
+        k = key[len(prefix):] if key.startswith(prefix) else key
+        root = saved_modules.saved_root(k, names)
+        if root is not None:
+            out[(root, k[len(root) + 1:])] = raw.pop(key)
+    return out
 
 
 def _read_tensors(reader: FolderReader) -> dict[str, torch.Tensor]:
@@ -156,8 +195,11 @@ def files(states: list[AdapterState], module_names: list[str] | None = None) -> 
 
 def base_fields(state: AdapterState) -> dict[str, Any]:
     cls = str(state.base.get("class") or "")
-    # SEQ_CLS/TOKEN_CLS would make peft expect a trained copy of the head in the file
+    # SEQ_CLS makes peft expect a trained copy of the head in the file (it adds "classifier" and "score" to
+    # modules_to_save): written when the adapter carries its head, as peft's own SEQ_CLS adapters do
     task = "CAUSAL_LM" if cls.endswith("ForCausalLM") else None
+    if cls.endswith("ForSequenceClassification") and saved_modules.entries(state.config):
+        task = "SEQ_CLS"
     return {
         "base_model_name_or_path": state.base.get("name_or_path") or None,
         "inference_mode": True,
@@ -170,18 +212,29 @@ def base_fields(state: AdapterState) -> dict[str, Any]:
 
 def _one(state: AdapterState, module_names: list[str] | None) -> dict[str, bytes]:
     codec = codec_for_method(state.config.method)
-    targets = list(state.targets or [])
+    names = saved_modules.entries(state.config)
+    saved = [t for t in state.targets or [] if saved_modules.is_saved(t, names)]
+    targets = [t for t in state.targets or [] if t not in saved]
     hf = base_fields(state)
     hf.update(codec.config_to_hf(state.config, targets))
     if codec.module_level:
+        if module_names is not None and saved:  # peft never targets modules inside (or equal to) a saved one
+            module_names = [n for n in module_names if not any(n == s or n.startswith(s + ".") for s in saved)]
         hf["target_modules"] = target_modules(targets, module_names)
         hf.setdefault("exclude_modules", None)
     hf["peft_type"] = codec.peft_type
+    if names:
+        hf[SAVED] = list(names)
     tensors: dict[str, torch.Tensor] = {}
-    if state.targets is None:  # a value read from a peft prompt-learning file: bare names
-        per_module = [(None, dict(state.tensors))]
+    copy_prefix = PREFIX if codec.module_level else PROMPT_PREFIX
+    if state.targets is None:  # a value read from a peft prompt-learning file: bare names (copies: full paths)
+        own = {k: t for k, t in state.tensors.items() if saved_modules.saved_root(k, names) is None}
+        tensors.update({copy_prefix + k: t for k, t in state.tensors.items() if k not in own})
+        per_module = [(None, own)]
     else:
         per_module = [(path, state.module_tensors(path)) for path in targets]
+        for path in saved:
+            tensors.update({f"{copy_prefix}{path}.{k}": t for k, t in state.module_tensors(path).items()})
     for path, mod_state in per_module:
         layer = state.layers.get(path, {}) if path is not None else {}
         if codec.export is not None:

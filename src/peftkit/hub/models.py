@@ -67,8 +67,8 @@ def _source(alias_or_path: str) -> tuple[Path, dict[str, str]]:
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
     """Silence transformers' load reports and warnings that peftkit handles itself: a classification head
-    "newly initialized" (peftkit trains it, or restores it from ``extra.safetensors``), the table of missing or
-    unexpected keys of a resized head, progress bars. Errors still raise."""
+    "newly initialized" (peftkit trains it as the adapter's ``modules_to_save`` copy, which loading restores), the
+    table of missing or unexpected keys of a resized head, progress bars. Errors still raise."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()

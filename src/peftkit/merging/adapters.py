@@ -21,7 +21,8 @@ differ. The result is an ordinary ``AdapterState``, saved and loaded like any ot
   ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"``.
 
 **IA3** (``l − 1`` is the task vector) and **BitFit** (``Δb``) merge their vectors element-wise.
-Other methods are refused by name.
+Other methods are refused by name, and so are adapters carrying ``modules_to_save`` copies (a
+classification head per task: averaging heads whose classes differ means nothing).
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ def check_states(states: Sequence[Any]) -> None:
         raise ConfigError("no adapters to merge")
     ref = states[0]
     method = ref.config.method
+    for s in states:
+        saved = getattr(s.config, "modules_to_save", None)
+        if saved:
+            raise ConfigError(f"adapter {s.name!r} carries trained copies of whole modules (modules_to_save: "
+                              f"{', '.join(saved)}), e.g. a classification head; heads trained for different tasks "
+                              "cannot be averaged meaningfully (their classes differ), so peftkit does not merge "
+                              "them: pass saved_modules='drop' to merge the adapters without them (each task keeps "
+                              "its own head: peftkit.core.saved_modules.split_saved)")
     if method not in LOW_RANK and method not in ADDITIVE:
         known = list(LOW_RANK) + list(ADDITIVE)
         raise ConfigError(f"adapter {ref.name!r} is a {method!r} adapter; merging supports {', '.join(known)}")
@@ -92,10 +101,22 @@ def check_states(states: Sequence[Any]) -> None:
 def merge_states(states: Sequence[Any], method: str = "task_arithmetic", weights: Sequence[float] | None = None,
                  options: dict[str, Any] | MergeOptions | None = None, rank: int | None = None,
                  space: str = "auto", name: str = "merged", masks: MaskSource | None = None,
-                 progress: bool = False) -> Any:
-    """Merge ``states`` into a new ``AdapterState`` named ``name`` (see the module docstring)."""
+                 progress: bool = False, saved_modules: str = "refuse") -> Any:
+    """Merge ``states`` into a new ``AdapterState`` named ``name`` (see the module docstring).
+
+    ``saved_modules``: what to do with inputs carrying ``modules_to_save`` copies (a task head each):
+    ``"refuse"`` (default; heads of different tasks do not average) or ``"drop"`` (merge the adapters
+    without them; the result has none).
+    """
     m = get_merge_method(method)
+    if saved_modules not in ("refuse", "drop"):
+        raise ConfigError(f"saved_modules={saved_modules!r} is not one of 'refuse', 'drop'"
+                          f"{did_you_mean(str(saved_modules), ['refuse', 'drop'])}")
     states = list(states)
+    if saved_modules == "drop":
+        from ..core.saved_modules import split_saved
+
+        states = [split_saved(s)[0] for s in states]
     w = check_weights(m, weights, len(states), "adapters") or [1.0] * len(states)
     opts = make_options(m, options, len(states))
     if space not in SPACES:

@@ -29,22 +29,26 @@ def merge_adapters(inputs: Sequence[Any], method: str = "task_arithmetic", weigh
                    options: dict[str, Any] | MergeOptions | None = None, rank: int | None = None,
                    space: str = "auto", name: str = "merged", output: str | Path | None = None,
                    format: str = "peftkit", masks: MaskSource | None = None, progress: bool = False,
-                   overwrite: bool = False) -> Any:
+                   overwrite: bool = False, saved_modules: str = "refuse") -> Any:
     """Merge adapters (``AdapterState`` values or adapter directories) into a new ``AdapterState``.
 
     ``method``: a registered merge method (``peftkit.merging.MERGE_METHODS``: task_arithmetic, ties,
     dare_linear, dare_ties, magnitude_prune, breadcrumbs, della, pcb, model_stock, slerp) with its
     ``options`` (a dict or the method's options dataclass). ``rank``/``space``: see
     :mod:`peftkit.merging.adapters`. With ``output`` the result is also written there (atomically; an
-    existing directory is refused unless ``overwrite``). Everything is validated before any work.
+    existing directory is refused unless ``overwrite``). ``saved_modules``: ``"refuse"`` inputs carrying
+    ``modules_to_save`` copies (task heads do not average) or ``"drop"`` them. Everything is validated
+    before any work.
     """
     if format not in ("peftkit", "hf"):
         raise ConfigError(f"format {format!r} is not one of peftkit, hf")
     out = Path(output) if output is not None else None
     if out is not None and out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; remove it or pass overwrite=True")
+    if saved_modules not in ("refuse", "drop"):  # before any input is read
+        raise ConfigError(f"saved_modules={saved_modules!r} is not one of 'refuse', 'drop'")
     states = [_as_state(x) for x in inputs]
-    merged = merge_states(states, method, weights, options, rank, space, name, masks, progress)
+    merged = merge_states(states, method, weights, options, rank, space, name, masks, progress, saved_modules)
     if out is not None:
         from ..io import write_adapters
 
@@ -60,5 +64,6 @@ def run_spec(spec: MergeSpec | str | Path, progress: bool = True) -> Path:
         return merge_checkpoints(spec.inputs, spec.output, spec.method, spec.weights, spec.options, spec.base,
                                  spec.shard_size, progress=progress, overwrite=spec.overwrite)
     merge_adapters(spec.inputs, spec.method, spec.weights, spec.options, spec.rank, spec.space, spec.name,
-                   spec.output, spec.format, progress=progress, overwrite=spec.overwrite)
+                   spec.output, spec.format, progress=progress, overwrite=spec.overwrite,
+                   saved_modules=spec.saved_modules)
     return spec.output

@@ -13,6 +13,7 @@
     output: out/merged
     name: merged                 # adapters: name of the merged adapter
     format: peftkit              # adapters: peftkit | hf
+    saved_modules: refuse        # adapters carrying modules_to_save copies (task heads): refuse | drop
     shard_size: 5GB              # checkpoints
     overwrite: false
 
@@ -30,7 +31,7 @@ from typing import Any
 from ..core.errors import ConfigError, did_you_mean
 
 TOP_KEYS = ("inputs", "method", "options", "weights", "rank", "space", "base", "output", "name", "format",
-            "shard_size", "overwrite", "seed")
+            "shard_size", "overwrite", "seed", "saved_modules")
 INPUT_KEYS = ("path", "weight")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -50,6 +51,7 @@ class MergeSpec:
     shard_size: int = 5 * 1024**3
     overwrite: bool = False
     kind: str = "adapter"
+    saved_modules: str = "refuse"
 
 
 def parse_size(value: Any) -> int:
@@ -139,11 +141,15 @@ def parse_spec(data: Any, where: str = "merge config", root: Path | None = None)
     spec.name = str(data.get("name", "merged"))
     spec.format = str(data.get("format", "peftkit"))
     spec.overwrite = bool(data.get("overwrite", False))
+    spec.saved_modules = str(data.get("saved_modules", "refuse"))
+    if spec.saved_modules not in ("refuse", "drop"):
+        hint = did_you_mean(spec.saved_modules, ["refuse", "drop"])
+        raise ConfigError(f"{where}: saved_modules {spec.saved_modules!r} is not one of refuse, drop{hint}")
     if "base" in data:
         spec.base = path_of(data["base"], "base")
     if "shard_size" in data:
         spec.shard_size = parse_size(data["shard_size"])
-    adapter_only = [k for k in ("rank", "space", "name", "format") if k in data]
+    adapter_only = [k for k in ("rank", "space", "name", "format", "saved_modules") if k in data]
     if kind == "checkpoint" and adapter_only:
         raise ConfigError(f"{where}: {adapter_only[0]!r} applies to adapter merges, but the inputs are checkpoints")
     checkpoint_only = [k for k in ("base", "shard_size") if k in data]

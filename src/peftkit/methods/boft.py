@@ -278,7 +278,7 @@ def _no_hf_reason(base: nn.Module) -> str | None:
 
 
 # -- Hugging Face PEFT format ------------------------------------------------------------------
-_UNSUPPORTED_HF = ("layers_to_transform", "layers_pattern", "modules_to_save")
+_UNSUPPORTED_HF = ("layers_to_transform", "layers_pattern")
 
 
 def boft_from_hf(d: dict[str, Any]) -> BOFT:

@@ -245,8 +245,6 @@ def _ff_from_hf(v: Any) -> Any:
 
 
 def _ia3_from_hf(d: dict[str, Any]) -> IA3:
-    if d.get("modules_to_save"):
-        raise ConfigError(f"peft option modules_to_save={d['modules_to_save']!r} is not supported by peftkit's IA3")
     return IA3(target_modules=_patterns_from_hf(d.get("target_modules")),
                exclude_modules=_patterns_from_hf(d.get("exclude_modules")),
                feedforward_modules=_ff_from_hf(d.get("feedforward_modules")),

@@ -412,7 +412,7 @@ HF_OPTIONS = frozenset({"r", "lora_alpha", "lora_dropout", "use_rslora", "init_l
                         # only read with init_lora_weights="corda" (refused below); a converted CorDA file keeps it
                         "corda_config"})
 
-_UNSUPPORTED_HF = {"lora_bias": False, "use_qalora": False, "modules_to_save": None}
+_UNSUPPORTED_HF = {"lora_bias": False, "use_qalora": False}
 
 
 def lora_options_from_hf(d: dict[str, Any], owner: str) -> dict[str, Any]:

@@ -317,7 +317,7 @@ def _hf_write_names(layer: dict[str, Any]) -> dict[str, str]:
     return {"oft_R": "oft_R.weight"}
 
 
-_UNSUPPORTED_HF = {"layers_to_transform": None, "layers_pattern": None, "modules_to_save": None}
+_UNSUPPORTED_HF = {"layers_to_transform": None, "layers_pattern": None}
 
 
 def oft_from_hf(d: dict[str, Any]) -> OFT:

@@ -219,8 +219,6 @@ def _poly_to_hf(config: Poly) -> dict[str, Any]:
 
 
 def _poly_from_hf(d: dict[str, Any]) -> Poly:
-    if d.get("modules_to_save"):
-        raise ConfigError(f"peft option modules_to_save={d['modules_to_save']!r} is not supported by peftkit's Poly")
     return Poly(r=d.get("r", 8), n_tasks=d.get("n_tasks", 1), n_skills=d.get("n_skills", 4),
                 n_splits=d.get("n_splits", 1), poly_type=d.get("poly_type", "poly"),
                 init_weights=bool(d.get("init_weights", True)), target_modules=d.get("target_modules"))

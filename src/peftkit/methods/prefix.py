@@ -285,9 +285,6 @@ def prefix_tuning_to_hf(config: PrefixTuning) -> dict[str, Any]:
 def prefix_tuning_from_hf(d: dict[str, Any]) -> PrefixTuning:
     if (d.get("num_transformer_submodules") or 1) != 1 or d.get("task_type") == "SEQ_2_SEQ_LM":
         raise ConfigError("encoder-decoder prefix tuning (num_transformer_submodules=2, SEQ_2_SEQ_LM) is not supported")
-    if d.get("modules_to_save"):
-        raise ConfigError(f"peft option modules_to_save={d['modules_to_save']!r} (a trained copy of the head, which peft "
-                          "adds for SEQ_CLS) is not supported by peftkit's PrefixTuning; the model's own head stays frozen")
     # the file holds the flattened prefix (the MLP's output when prefix_projection was used)
     config = PrefixTuning(num_virtual_tokens=d["num_virtual_tokens"], prefix_projection=False,
                           init_weights=d.get("init_weights"))

@@ -333,9 +333,6 @@ def prompt_tuning_to_hf(config: PromptTuning) -> dict[str, Any]:
 def prompt_tuning_from_hf(d: dict[str, Any]) -> PromptTuning:
     if (d.get("num_transformer_submodules") or 1) != 1 or d.get("task_type") == "SEQ_2_SEQ_LM":
         raise ConfigError("encoder-decoder prompt tuning (num_transformer_submodules=2, SEQ_2_SEQ_LM) is not supported")
-    if d.get("modules_to_save"):
-        raise ConfigError(f"peft option modules_to_save={d['modules_to_save']!r} (a trained copy of the head, which peft "
-                          "adds for SEQ_CLS) is not supported by peftkit's PromptTuning; the model's own head stays frozen")
     init = str(d.get("prompt_tuning_init") or "RANDOM").upper()
     return PromptTuning(
         num_virtual_tokens=int(d["num_virtual_tokens"]),

@@ -41,9 +41,9 @@ from torch import nn
 
 from ..core.adapter import AdapterModule
 from ..core.config import AdapterConfig
-from ..core.errors import ConfigError
 from ..core.layers import HF_CONV1D, LINEAR, layer_kind
 from ..core.registry import register
+from ..core.saved_modules import ModuleCopy
 from ..core.targeting import as_list
 from ..core.targets import NORMS, OUTPUT_HEADS
 from ..formats.codec import HFCodec
@@ -222,49 +222,12 @@ class LayerNormTuning(AdapterConfig):
         return LNTuningLayer(self, base)
 
 
-class LNTuningLayer(AdapterModule):
-    """Trainable copies of a norm layer's own parameters and persistent buffers, used in place of the base ones."""
-
-    overrides_params = True
-    adapts_output = False
+class LNTuningLayer(ModuleCopy):
+    """Trainable copies of a norm layer's own parameters and persistent buffers, used in place of the base ones
+    (the engine's :class:`~peftkit.core.saved_modules.ModuleCopy`, which ``modules_to_save`` uses too)."""
 
     def __init__(self, config: LayerNormTuning, base: nn.Module) -> None:
-        super().__init__(config, base)
-        self.param_names = list(_own_parameters(base))
-        skip = base._non_persistent_buffers_set
-        self.buffer_names = [n for n, b in base._buffers.items() if b is not None and n not in skip]
-        for n in self.param_names:
-            self.register_parameter(n, nn.Parameter(base._parameters[n].detach().clone()))
-        for n in self.buffer_names:
-            self.register_buffer(n, base._buffers[n].detach().clone())
-
-    def override_params(self, params: dict[str, torch.Tensor], site: Any) -> dict[str, torch.Tensor]:
-        out = dict(params)
-        base = site.base
-        for n in self.param_names:
-            ref = base._parameters[n]
-            out[n] = getattr(self, n).to(ref.dtype)
-        for n in self.buffer_names:
-            ref = base._buffers[n]
-            mine = getattr(self, n)
-            out[n] = mine if mine.dtype == ref.dtype else mine.to(ref.dtype)  # same dtype: running stats update here
-        return out
-
-    @torch.no_grad()
-    def merge_into(self, base: nn.Module) -> None:
-        for n in self.param_names + self.buffer_names:
-            t = base._parameters[n] if n in self.param_names else base._buffers[n]
-            self.register_buffer(f"merge_stash_{n}", t.detach().clone(), persistent=False)
-            t.data = getattr(self, n).detach().to(t.dtype).clone()
-
-    @torch.no_grad()
-    def unmerge_from(self, base: nn.Module) -> None:
-        for n in self.param_names + self.buffer_names:
-            stash = self._buffers.pop(f"merge_stash_{n}", None)
-            if stash is None:
-                continue
-            t = base._parameters[n] if n in self.param_names else base._buffers[n]
-            t.data = stash.to(t.dtype)
+        super().__init__(config, base, recurse=False)
 
     def extra_repr(self) -> str:
         return f"method=ln_tuning, tensors={self.param_names + self.buffer_names}"
@@ -275,10 +238,6 @@ _LN_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_track
 
 
 def _ln_from_hf(d: dict[str, Any]) -> LayerNormTuning:
-    if d.get("modules_to_save"):
-        raise ConfigError(f"peft option modules_to_save={d['modules_to_save']!r} is not supported by peftkit's "
-                          "LayerNormTuning")
-
     def conv(v: Any) -> Any:
         return "re:" + v if isinstance(v, str) else (list(v) if v is not None else None)
 
@@ -287,8 +246,7 @@ def _ln_from_hf(d: dict[str, Any]) -> LayerNormTuning:
 
 LayerNormTuning.hf_codec = HFCodec(
     peft_type="LN_TUNING",
-    config_to_hf=lambda c, targets: {"modules_to_save": None},
+    config_to_hf=lambda c, targets: {},
     config_from_hf=_ln_from_hf,
     read_names={f"ln_tuning_layers.{n}": n for n in _LN_NAMES},
-    options=frozenset({"modules_to_save"}),
 )

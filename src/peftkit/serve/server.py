@@ -101,12 +101,16 @@ def serve(args: argparse.Namespace) -> int:
     adapters = parse_adapter_specs(args.adapters)
     if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
         raise ConfigError(f"--adapter-root {args.adapter_root} is not a directory")
+    labels = adapter_labels(adapters) if args.task == "classification" else None
     tok = load_tokenizer(args.model)
     if args.task == "causal-lm":
         model, tok = load_causal_lm(args.model, tokenizer=tok)
     else:
-        model, tok = load_encoder(args.model, num_labels=_num_labels(args.model) if args.task == "classification"
-                                  else None, tokenizer=tok)
+        n = (len(labels) if labels else _num_labels(args.model)) if args.task == "classification" else None
+        model, tok = load_encoder(args.model, num_labels=n, tokenizer=tok)
+        if labels:  # the adapters carry their heads (modules_to_save): the model's head is only their shape
+            model.config.id2label = dict(enumerate(labels))
+            model.config.label2id = {name: i for i, name in enumerate(labels)}
     limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                     max_body_bytes=args.max_body_bytes)
     app, _ = build(model, tok, adapters, args.max_adapters, args.adapter_root, args.max_batch, limits,
@@ -115,6 +119,24 @@ def serve(args: argparse.Namespace) -> int:
     # on SIGTERM/Ctrl-C requests in flight get 5 s to finish, then their handlers are cancelled
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
+
+
+def adapter_labels(adapters: list[tuple[str, Path]]) -> list[str] | None:
+    """The label names recorded by ``peftkit train --task classification`` with the adapters (``peftkit_task.json``),
+    which must agree (one server answers with one label set); None when no adapter records any."""
+    from ..tasks import TASK_FILE, read_task
+
+    found: list[tuple[str, list[str]]] = []
+    for name, path in adapters:
+        if (path / TASK_FILE).is_file():
+            labels = read_task(path).get("labels")
+            if labels:
+                found.append((name, [str(x) for x in labels]))
+    for name, labels in found[1:]:
+        if labels != found[0][1]:
+            raise ConfigError(f"--adapters: {name!r} was trained on labels {labels} but {found[0][0]!r} on "
+                              f"{found[0][1]}; one classification server serves one label set")
+    return found[0][1] if found else None
 
 
 def _num_labels(name: str) -> int:

@@ -20,8 +20,9 @@ class TrainConfig:
     ``metric`` is the eval metric for early stopping and for picking the best adapter: lower is
     better when its name contains ``loss`` (or ``perplexity``), higher otherwise.
     ``max_steps``, when given, sets the length of the run and ``epochs`` is not used.
-    ``head_lr``: the learning rate of the ``trainable_extra`` modules (a classification head, which
-    starts from random values and wants a higher lr than the adapter); ``None`` means ``lr``.
+    ``head_lr``: the learning rate of the adapters' ``modules_to_save`` copies and the ``trainable_extra``
+    modules (a classification head, which starts from random values and wants a higher lr than the
+    adapter); ``None`` means ``lr``.
     ``eval_each_epoch``: evaluate at the end of every epoch (besides every ``eval_every`` steps).
     ``progress``: ``None`` shows a progress bar when stderr is a terminal and a plain line every
     ``log_every`` steps otherwise (a log file, CI); ``False`` is silent.

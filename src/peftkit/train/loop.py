@@ -30,6 +30,7 @@ from torch import nn
 from ..core import hooks
 from ..core.api import adapter_parameters
 from ..core.errors import ConfigError, did_you_mean
+from ..core.saved_modules import SavedModule, copy_parameters
 from ..core.sharding import full_state, is_distributed, scalar
 from . import checkpoint, distributed, report
 from .config import TrainConfig
@@ -59,9 +60,11 @@ def train(model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], 
         evaluate: ``evaluate(model, eval_batches) -> {name: value}``, run under ``torch.no_grad`` in eval
             mode; names without the ``eval_`` prefix get it. Default: token-weighted mean loss
             (``eval_loss``) and ``eval_perplexity``.
-        trainable_extra: names of modules trained alongside the adapter (e.g. ``"classifier"``); their
-            parameters are unfrozen, checkpointed and saved to ``OUTPUT/adapter/extra.safetensors``
-            (reload with :func:`peftkit.train.load_extra`).
+        trainable_extra: names of modules trained alongside the adapter whose weights are not part of it;
+            their parameters are unfrozen, checkpointed and saved to ``OUTPUT/adapter/extra.safetensors``
+            (reload with :func:`peftkit.train.load_extra`). ``--method full`` uses it; a head trained *with*
+            an adapter belongs in the adapter's ``modules_to_save`` instead (saved, exported, merged and served
+            with it). ``config.head_lr`` applies to both kinds.
         pad_id: padding token id for the default collate.
         callback: ``callback(step, logs)`` after every optimizer step (``logs``: loss, lr, grad_norm and
             the eval metrics when evaluated at that step). Raising ``KeyboardInterrupt`` there behaves as Ctrl-C.
@@ -126,7 +129,9 @@ class _Run:
             raise ConfigError("no training batches: the training data is empty")
         self.steps_per_epoch = math.ceil(n_batches / config.grad_accum)
         self.total = config.max_steps or config.epochs * self.steps_per_epoch
-        self.optimizer = _optimizer(model, config, self.params, list(extra.values()))
+        # the head's rate (head_lr) for trainable_extra modules and the adapters' modules_to_save copies alike
+        head = list(extra.values()) + copy_parameters(model)
+        self.optimizer = _optimizer(model, config, self.params, head)
         self.scheduler = make_scheduler(self.optimizer, config.schedule, config.warmup, self.total)
         self.s: dict[str, Any] = {"step": 0, "epoch": 0, "pos": 0, "history": [], "best": None, "best_step": None,
                                   "bad_evals": 0, "train_seconds": 0.0, "tokens": 0, "stopped_early": False,
@@ -406,6 +411,10 @@ def _unfreeze_extra(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Para
         if name not in modules:
             raise ConfigError(f"trainable_extra: no module named {name!r} in {type(model).__name__}"
                               f"{did_you_mean(name, [n for n in modules if n])}")
+        saved = [n for n, m in modules[name].named_modules() if isinstance(m, SavedModule)]
+        if saved:
+            raise ConfigError(f"trainable_extra: {name!r} is in an adapter's modules_to_save ({name}.{saved[0]}): its "
+                              "copy trains with the adapter already; leave it out of trainable_extra")
         for pname, p in modules[name].named_parameters():
             p.requires_grad_(True)
             out[f"{name}.{pname}" if name else pname] = p  # "" is the whole model (full fine-tuning)
@@ -425,6 +434,7 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
 
 def _optimizer(model: nn.Module, config: TrainConfig, params: list[nn.Parameter],
                extra: list[nn.Parameter]) -> torch.optim.Optimizer:
+    ids = {id(p) for p in extra}
     if config.loraplus_ratio is not None:
         from ..methods.lora import lora_plus_param_groups
 
@@ -434,15 +444,15 @@ def _optimizer(model: nn.Module, config: TrainConfig, params: list[nn.Parameter]
                               "drop one of them")
 
         groups = lora_plus_param_groups(model, config.lr, config.loraplus_ratio, config.weight_decay)
+        groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]
         if extra:
             groups.append({"params": extra, "lr": config.head_lr if config.head_lr is not None else config.lr,
                            "weight_decay": config.weight_decay})
     else:
-        ids = {id(p) for p in extra}
         groups = hooks.param_groups(model, [p for p in params if id(p) not in ids], config.lr)  # DePT: two rates
         if extra:
             groups.append({"params": extra, "lr": config.head_lr if config.head_lr is not None else config.lr})
-        groups = [g for g in groups if g["params"]]
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
