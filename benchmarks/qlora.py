@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--held-out", type=int, default=8, help="GSM8K test batches (of --rows) for the held-out loss")
     ap.add_argument("--loftq-iters", type=int, default=5)
+    ap.add_argument("--sides", default="nf4,nf4+loftq", help="compared with bf16: any of nf4, nf4+loftq, int8")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from peftkit.hub.models import load_causal_lm
@@ -122,11 +123,15 @@ def main() -> None:
     data = batches(args.data, tok, args.steps, args.rows, args.length)
     held_out = batches(args.data, tok, args.held_out, args.rows, args.length, split="test")
     res = {}
-    for side in ("bf16", "nf4", "nf4+loftq"):
+    sides = [x for x in args.sides.split(",") if x]
+    bad = [x for x in sides if x not in ("nf4", "nf4+loftq", "int8")]
+    if bad:
+        ap.error(f"--sides: unknown side {bad[0]!r}; choose from nf4, nf4+loftq, int8")
+    for side in ("bf16", *sides):
         res[side] = run(base, None if side == "bf16" else side, data, held_out, args.loftq_iters)
         print(side, json.dumps({k: round(v, 4) for k, v in res[side].items()}), flush=True)
     b = res["bf16"]
-    for side in ("nf4", "nf4+loftq"):
+    for side in sides:
         q = res[side]
         print(f"{side} / bf16: weights {q['weights_mb'] / b['weights_mb']:.3f} (all), "
               f"{q['linear_weights_mb'] / b['linear_weights_mb']:.3f} (quantized linear layers); measured step peak "
