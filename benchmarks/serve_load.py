@@ -17,6 +17,7 @@
    arrival order (static batching: a batch runs to its longest ``max_tokens``; each request is
    credited with its own tokens only, up to eos). The ratio is server tokens/s over peft tokens/s.
    Greedy texts of both are compared (left padding in peft's batches may flip rare near-ties).
+   ``--dtype bfloat16`` serves the base and the adapters in bfloat16 on both sides.
 """
 
 from __future__ import annotations
@@ -117,12 +118,13 @@ async def drive(url: str, reqs: list[tuple[str, str, int]], concurrency: int) ->
 class Server:
     """`peftkit serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, dirs: list[Path], concurrency: int, max_adapters: int, threads: int) -> None:
+    def __init__(self, dirs: list[Path], concurrency: int, max_adapters: int, threads: int, dtype: str) -> None:
         import httpx
 
         port = free_port()
         cmd = [sys.executable, "-m", "peftkit.cli.main", "serve", "--model", "smollm2-135m", "--port", str(port),
-               "--max-adapters", str(max_adapters), "--max-batch", str(concurrency), "--adapters", *map(str, dirs)]
+               "--max-adapters", str(max_adapters), "--max-batch", str(concurrency), "--dtype", dtype,
+               "--adapters", *map(str, dirs)]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{port}"
@@ -160,7 +162,7 @@ class Server:
 class PeftBaseline:
     """The same adapters in one peft model; requests answered with `generate(..., adapter_names=...)`."""
 
-    def __init__(self, dirs: list[Path]) -> None:
+    def __init__(self, dirs: list[Path], dtype: str) -> None:
         from peft import PeftModel
 
         from peftkit.hub.models import load_causal_lm
@@ -169,6 +171,7 @@ class PeftBaseline:
         self.model = PeftModel.from_pretrained(base, str(dirs[0]), adapter_name=dirs[0].name)
         for d in dirs[1:]:
             self.model.load_adapter(str(d), adapter_name=d.name)
+        self.model.to(getattr(torch, dtype))  # the base and every adapter, as the server does
         self.model.eval()
 
     @torch.no_grad()
@@ -207,6 +210,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the dtype of the base and the adapters on both sides")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still stops its server (finally)
     lo, hi = (int(x) for x in args.max_tokens.split(","))
@@ -221,9 +226,9 @@ def main() -> None:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         dirs = make_adapters(Path(tmp), args.adapters, args.seed)
-        server = Server(dirs, args.concurrency, args.max_adapters or args.adapters, args.threads)
+        server = Server(dirs, args.concurrency, args.max_adapters or args.adapters, args.threads, args.dtype)
         try:
-            peft = None if args.skip_peft else PeftBaseline(dirs)
+            peft = None if args.skip_peft else PeftBaseline(dirs, args.dtype)
             warm = requests(args.concurrency, args.adapters, lo, lo, args.seed + 1)
             server.run(warm, args.concurrency)  # warm-up, not counted
             if peft is not None:
@@ -255,7 +260,8 @@ def main() -> None:
     tokens = sum(r[2] for r in srv_results)
     failed = sum(not r[0] for r in srv_results)
     tps = tokens / srv_wall
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads; {len(reqs)} requests "
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads, {args.dtype}; "
+          f"{len(reqs)} requests "
           f"over {args.adapters} adapters, concurrency {args.concurrency}, max_tokens {lo}..{hi}, greedy, "
           f"{len(rounds)} alternating rounds")
     print(f"peftkit serve: {tokens} tokens in {srv_wall:.1f} s = {tps:.1f} tokens/s; latency p50 "

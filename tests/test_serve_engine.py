@@ -137,6 +137,31 @@ def test_engine_continuous_batching_equals_generate_per_request(tmp_path):
     assert engine.mixed_steps > 0 and engine.running == [] and engine.batch is None
 
 
+def test_a_bfloat16_base_serves_bfloat16_adapters_as_each_alone(tmp_path):
+    """The table casts loaded adapters to the base's dtype; mixed rows still equal each adapter alone."""
+    dirs = make_adapters(tmp_path, ["a", "b"])
+    model, tok = tiny_lm()
+    model.to(torch.bfloat16)
+    table = AdapterTable(model, max_adapters=2)
+    for n, d in dirs.items():
+        table.register(n, d)
+        table.ensure(n, set())
+    assert {p.dtype for p in peftkit.adapter_parameters(model).values()} == {torch.bfloat16}
+    ids = torch.tensor([tok("hello world")["input_ids"]] * 3)
+    rows = ["a", None, "b"]
+    with torch.no_grad():
+        with peftkit.mixed_batch(model, rows):
+            mixed = model(input_ids=ids).logits
+        for i, n in enumerate(rows):
+            peftkit.activate(model, [n] if n else [])  # the plain (non-mixed) path of that adapter alone
+            alone = model(input_ids=ids[i:i + 1]).logits[0]
+            torch.testing.assert_close(mixed[i], alone, rtol=0.02, atol=0.05)
+        peftkit.activate(model, [])
+        with peftkit.mixed_batch(model, ["a"]):
+            assert not torch.allclose(model(input_ids=ids[:1]).logits[0], mixed[1])  # the adapter changes the output
+    assert mixed.dtype == torch.bfloat16
+
+
 def test_cli_serve_rejects_bad_arguments_before_loading(tmp_path, capsys):
     from peftkit.cli.main import main
 
@@ -144,6 +169,7 @@ def test_cli_serve_rejects_bad_arguments_before_loading(tmp_path, capsys):
     for extra, culprit in [(["--adapters", str(tmp_path / "nope")], "does not exist"),
                            (["--max-adapters", "0"], "--max-adapters"),
                            (["--task", "embeding"], "did you mean 'embedding'"),
+                           (["--dtype", "bf16"], "--dtype 'bf16' is unknown"),
                            (["--model", str(tmp_path / "missing")], "neither an alias")]:
         args = base + extra if extra[0] != "--model" else ["serve", *extra]
         assert main(args) == 2

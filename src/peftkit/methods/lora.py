@@ -312,15 +312,15 @@ class LoRALayer(AdapterModule):
         (:mod:`peftkit.methods.lora_gather`; ranks may differ, the stacks are cached for inference).
         """
         from ..core.site import ROW_GROUPS
-        from .lora_gather import build_stack, cached_stack, gathered_lora, slots
+        from .lora_gather import build_stack, cached_stack, gathered_lora, row_factors
 
         if not isinstance(base_out, torch.Tensor):
             return None
         rg = ROW_GROUPS.get()
         memo = rg.memo if rg is not None else {}
-        wanted = memo.get("wanted")
+        wanted = memo.get("lora_wanted")
         if wanted is None:
-            wanted = memo["wanted"] = [n for n in dict.fromkeys(names_per_row) if n is not None]
+            wanted = memo["lora_wanted"] = [n for n in dict.fromkeys(names_per_row) if n is not None]
         if not wanted:
             return None
         ref = site.adapters[wanted[0]]
@@ -348,8 +348,8 @@ class LoRALayer(AdapterModule):
             index = set(stack.names)
             if any(n not in index or dropping(site.adapters[n]) for n in wanted):
                 return None
-        ids = slots(stack, names_per_row, memo, x.device)
-        return gathered_lora(stack, ids, x, base_out)
+        a, b = row_factors(site, stack, names_per_row, memo, x.device, keep=not grad)
+        return gathered_lora(a, b, x, base_out)
 
 
 def _add_scaled(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -11,7 +11,8 @@ adapter). Row ``i`` of the batch gathers its adapter's slot ``k(i)``, and the wh
 whatever the number of adapters: no loop over rows or adapters. For inference (no gradient needed)
 the stacks are cached on the site and rebuilt only when its adapters change (loaded, deleted, or a
 factor written in place, moved or cast: the tensors' version counters and storages are part of the
-cache key); the slot index of each row is computed once per ``mixed_batch`` block for all sites that share the same adapters.
+cache key); the slot index of each row is computed once per ``mixed_batch`` block for all sites that share the same adapters,
+and the gathered factors are kept while the rows' adapters stay the same (consecutive decode steps).
 While gradients flow into the factors the stacks are built per call, so autograd reaches them.
 """
 
@@ -88,19 +89,39 @@ def slots(stack: FactorStack, names_per_row: list[str | None], memo: dict | None
     return ids
 
 
-def gathered_lora(stack: FactorStack, ids: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+def row_factors(site: Any, stack: FactorStack, names_per_row: list[str | None], memo: dict,
+                device: torch.device, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(𝔸[k]ᵀ, 𝔹[k]ᵀ)``: each row's factors, ``(rows, in, r_max)`` and ``(rows, r_max, out)``.
+
+    ``keep`` (inference): remembered on the site with the row assignment, so the decode steps between
+    two changes of the running batch (most of them) reuse them instead of gathering again."""
+    rows_key = memo.get("lora_rows")
+    if rows_key is None:
+        rows_key = memo["lora_rows"] = tuple(names_per_row)
+    if keep:
+        hit = site.__dict__.get("_lora_row_factors")
+        if hit is not None and hit[0] is stack and hit[1] == rows_key:
+            return hit[2], hit[3]
+    ids = slots(stack, names_per_row, memo, device)
+    a = stack.a.index_select(0, ids).transpose(1, 2)
+    b = stack.b.index_select(0, ids).transpose(1, 2)
+    if keep:
+        site.__dict__["_lora_row_factors"] = (stack, rows_key, a, b)
+    return a, b
+
+
+def gathered_lora(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    """``base + bmm(bmm(x, a), b)`` per row, with ``a, b`` from :func:`row_factors`."""
     rows = x.shape[0]
-    a, b = stack.a, stack.b
     xr = x.reshape(rows, -1, x.shape[-1])
     if xr.dtype != a.dtype:
         xr = xr.to(a.dtype)
-    h = torch.bmm(xr, a.index_select(0, ids).transpose(1, 2))
+    h = torch.bmm(xr, a)
     yr = base_out.reshape(rows, -1, base_out.shape[-1])
-    bt = b.index_select(0, ids).transpose(1, 2)
     if yr.dtype == a.dtype and not torch.is_grad_enabled():  # inference: accumulate into the base output
-        return yr.baddbmm_(h, bt).view(base_out.shape)
+        return yr.baddbmm_(h, b).view(base_out.shape)
     if yr.dtype == a.dtype:
-        out = torch.baddbmm(yr, h, bt)
+        out = torch.baddbmm(yr, h, b)
     else:
-        out = yr + torch.bmm(h, bt).to(yr.dtype)
+        out = yr + torch.bmm(h, b).to(yr.dtype)
     return out.reshape(base_out.shape)

@@ -6,6 +6,9 @@ At most ``max_adapters`` are loaded at once; loading one more evicts the least r
 adapter that no running request holds (``peftkit.delete``). An evicted adapter stays known and is
 loaded again, transparently, by the next request that names it.
 
+Loaded adapters are cast to the dtype of the base weights (``peftkit serve --dtype bfloat16``: the
+factors in bfloat16 too), so no forward casts between the two.
+
 Directories given over HTTP must lie inside the configured adapter root: the path is resolved
 (symbolic links and ``..`` included) and refused when it leaves the root.
 
@@ -22,6 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..core.errors import AdapterLoadError, AdapterNotFoundError, ConfigError, did_you_mean
@@ -76,6 +80,8 @@ class AdapterTable:
             raise ConfigError(f"adapter root {self.root} is not a directory")
         self.known: dict[str, Known] = {}
         self.lru: OrderedDict[str, None] = OrderedDict()  # loaded adapters, least recently used first
+        #: adapters are served in the base weights' dtype (a bfloat16 base: bfloat16 factors, no casts per step)
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         self.loads = 0
         self.evictions = 0
         self._lock = threading.Lock()
@@ -151,10 +157,19 @@ class AdapterTable:
             raise AdapterLoadError(f"{path}: adapter {name!r} ({bad[0][1]}, at {bad[0][0]}) cannot be served: its rows "
                                    "cannot share a batch with other adapters' rows")
         self.model.eval()
+        self._cast(name)
         with self._lock:
             self.lru[name] = None
             self.known[name].loaded_at = time.time()
         self.loads += 1
+
+    @torch.no_grad()
+    def _cast(self, name: str) -> None:
+        from ..core.api import adapter_parameters
+
+        for p in adapter_parameters(self.model, name).values():
+            if p.is_floating_point() and self.dtype is not None and p.dtype != self.dtype:
+                p.data = p.data.to(self.dtype)
 
     def _evict(self, name: str) -> None:
         from ..core.api import delete

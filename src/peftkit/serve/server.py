@@ -14,6 +14,7 @@ from .engine import Engine
 from .worker import Worker
 
 TASKS = ("causal-lm", "embedding", "classification")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def parse_adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
@@ -76,6 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=4096)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--no-merge", action="store_true", help="never merge a lone adapter into the weights")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16: the dtype the base model and the "
+                                                      "adapters are served in")
     p.add_argument("--log-level", default="warning")
 
 
@@ -98,6 +101,9 @@ def serve(args: argparse.Namespace) -> int:
     if args.model not in ALIASES and not Path(args.model).is_dir():
         raise ConfigError(f"--model {args.model!r} is neither an alias{did_you_mean(args.model, ALIASES)} nor a "
                           f"directory; aliases: {', '.join(ALIASES)}")
+    if args.dtype not in DTYPES:
+        raise ConfigError(f"--dtype {args.dtype!r} is unknown{did_you_mean(args.dtype, DTYPES)}; "
+                          f"choose one of {', '.join(DTYPES)}")
     adapters = parse_adapter_specs(args.adapters)
     if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
         raise ConfigError(f"--adapter-root {args.adapter_root} is not a directory")
@@ -111,6 +117,9 @@ def serve(args: argparse.Namespace) -> int:
         if labels:  # the adapters carry their heads (modules_to_save): the model's head is only their shape
             model.config.id2label = dict(enumerate(labels))
             model.config.label2id = {name: i for i, name in enumerate(labels)}
+    import torch
+
+    model.to(getattr(torch, args.dtype))
     limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                     max_body_bytes=args.max_body_bytes)
     app, _ = build(model, tok, adapters, args.max_adapters, args.adapter_root, args.max_batch, limits,
