@@ -36,7 +36,7 @@ def one_side(data: str, chunked: bool, steps: int, report: bool, gc: bool = Fals
     import torch
 
     import peftkit
-    from peftkit.cli import tasks
+    from peftkit import tasks
     from peftkit.data import check_prompt_format, load_records
     from peftkit.train import TrainConfig, train
 
@@ -70,7 +70,7 @@ def torch_peaks(data: str, variants: list[str]) -> None:
     import torch
 
     import peftkit
-    from peftkit.cli import tasks
+    from peftkit import tasks
     from peftkit.data import batches, check_prompt_format, load_records
 
     torch.set_num_threads(2)

@@ -74,3 +74,41 @@ def test_model_loss_falls_back_for_other_models():
     llama, _, _ = tiny_llama()
     batch = _batch()
     assert torch.allclose(model_loss(llama, batch, chunked=False), llama(**batch).loss)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_fused_head_cross_entropy_matches_autograd_for_a_trained_head(dtype, tol, chunk):
+    """∂L/∂h, ∂L/∂W and ∂L/∂b computed in the forward equal autograd's of head + float32 cross-entropy."""
+    from peftkit.train.fused_ce import fused_linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 37, bias=True).to(dtype)
+    h0 = torch.randn(20, 8, generator=g).to(dtype)
+    y = torch.randint(0, 37, (20,), generator=g)
+    grads = []
+    for fused in (True, False):
+        h = h0.clone().requires_grad_(True)
+        head.zero_grad(set_to_none=True)
+        if fused:
+            loss = fused_linear_cross_entropy(h, head, y, chunk)
+        else:
+            z = head(h)
+            loss = torch.nn.functional.cross_entropy(z.float() if dtype == torch.bfloat16 else z, y, reduction="sum")
+        (loss * 0.5).backward()  # a non-unit incoming gradient
+        grads.append((loss.detach(), h.grad, head.weight.grad, head.bias.grad))
+    for a, b in zip(*grads, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+    with torch.no_grad():  # no gradient wanted: the loss alone
+        assert torch.allclose(fused_linear_cross_entropy(h0, head, y, chunk).float(), grads[1][0].float(),
+                              rtol=tol, atol=tol)
+
+
+def test_chunked_loss_of_a_model_with_a_hooked_head_keeps_the_hook():
+    """A head with a forward hook is not a bare linear: the checkpointed path runs it (and its hook)."""
+    model, _, _ = tiny_llama()
+    calls = []
+    model.lm_head.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    chunked_causal_lm_loss(model, _batch(), chunk_size=4)
+    assert calls

@@ -207,7 +207,7 @@ def memory_report(model: nn.Module, batch: dict[str, Any], optimizer: torch.opti
 
 
 def _loss_working_set(model: nn.Module, batch: dict[str, Any], chunked: bool) -> int:
-    from .train.loss import DEFAULT_CHUNK, IGNORE, _head, supports_chunked_loss
+    from .train.loss import DEFAULT_CHUNK, IGNORE, _head, _plain_linear, supports_chunked_loss
 
     labels = batch.get("labels")
     head = _head(model)
@@ -216,6 +216,9 @@ def _loss_working_set(model: nn.Module, batch: dict[str, Any], chunked: bool) ->
     vocab = head.out_features
     if chunked and supports_chunked_loss(model):
         rows = min(int((labels[:, 1:] != IGNORE).sum()), DEFAULT_CHUNK)
+        if _plain_linear(head):  # fused: one chunk's float32 logits, softmax and gradient in place (+ half logits)
+            item = head.weight.element_size()
+            return rows * vocab * 4 + (rows * vocab * item if item < 4 else 0)
         return 3 * rows * vocab * 4
     item = head.weight.element_size()
     return labels.numel() * vocab * (4 + item)

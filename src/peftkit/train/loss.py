@@ -9,8 +9,10 @@ shift ``y_t = labels_{t+1}``) are kept, and the head and the loss run over chunk
 
     L = (1/N) Σ_chunks Σ_{t ∈ chunk} −log softmax(W_head h_t)_{y_t},     N = #{t : y_t ≠ −100}
 
-Each chunk runs under activation checkpointing, so the backward recomputes that chunk's logits
-instead of keeping them: the peak holds the logits of one chunk, not of the batch. The value
+For a plain linear head the head and the loss are one autograd node that computes the gradients
+of each chunk in the forward, while its logits exist (:mod:`peftkit.train.fused_ce`); any other
+head runs each chunk under activation checkpointing, so the backward recomputes that chunk's
+logits instead of keeping them. Either way the peak holds the logits of one chunk, not of the batch. The value
 and the gradients are those of the model's own loss (transformers' mean over labelled tokens).
 
 Used when the model is a transformers causal LM whose logits are the plain head output (no
@@ -55,6 +57,13 @@ def supports_chunked_loss(model: nn.Module) -> bool:
     return True
 
 
+def _plain_linear(head: nn.Module | None) -> bool:
+    """A bare ``nn.Linear`` with no hooks: its output is exactly ``h Wᵀ + b``."""
+    return (type(head) is nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
+            and not torch.nn.modules.module._global_forward_hooks
+            and not torch.nn.modules.module._global_forward_pre_hooks)
+
+
 def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
     logits = head(hidden)
     if logits.dtype in (torch.float16, torch.bfloat16):
@@ -80,6 +89,10 @@ def chunked_causal_lm_loss(model: nn.Module, batch: dict[str, Any], chunk_size: 
     n = y.numel()
     if n == 0:
         return hidden.sum() * 0.0  # transformers returns nan here; a zero keeps the step finite
+    if _plain_linear(head):  # gradients computed in the forward, chunk by chunk (train/fused_ce.py)
+        from .fused_ce import fused_linear_cross_entropy
+
+        return fused_linear_cross_entropy(h, head, y, chunk_size) / n
     total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
     grad = torch.is_grad_enabled()
     for start in range(0, n, chunk_size):
