@@ -131,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    from ..train.distributed import exit_if_launched
+
+    exit_if_launched(code)  # under torchrun: leave without the interpreter teardown that can abort a rank
+    return code
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `torchrun ... -m peftkit.cli.main -- train ...` may pass the separator on

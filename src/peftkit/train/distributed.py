@@ -69,15 +69,43 @@ def setup(model: nn.Module) -> DistInfo:
             torch.cuda.set_device(local)
             model.to(torch.device("cuda", local))
         dist.init_process_group(backend="nccl" if on_gpu else "gloo")
+        global _OWNED
+        _OWNED = True
         atexit.register(_shutdown)  # a group left alive at exit can abort the process ("terminate called ...")
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
     return info
+
+
+_OWNED = False  # True once setup() created the process group (a torchrun launch of peftkit itself)
 
 
 def _shutdown() -> None:
     """Destroy the process group this module created, once, at interpreter exit."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_if_launched(code: int) -> None:
+    """End a ``torchrun``-launched peftkit process now, with ``code``, once every rank is done.
+
+    After a distributed run the interpreter's teardown sometimes aborts a rank with "terminate called
+    without an active exception" (a communication thread of the process group destroyed while still
+    joinable during C++ static destruction), which torchrun reports as a failed run although every
+    output was written. So the command-line process waits for all ranks, destroys the group, flushes
+    its streams and leaves with ``os._exit``, skipping that teardown. Nothing happens when peftkit did
+    not create the group (a single process, or a user's own launcher in Python)."""
+    if not _OWNED:
+        return
+    import sys
+
+    try:
+        if dist.is_initialized() and code == 0:  # a failed rank leaves at once: torchrun stops the others
+            dist.barrier()
+            dist.destroy_process_group()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
