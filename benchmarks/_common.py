@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -94,7 +94,8 @@ def saved_activation_bytes(fn: Callable[[], Any], model: torch.nn.Module | None 
     """Bytes of the activations autograd keeps for backward during ``fn`` (a deterministic memory measure).
 
     Tensors are deduplicated by storage, so a tensor saved by two nodes counts once; the storages
-    of ``model``'s parameters and buffers (resident anyway) are not counted.
+    of ``model``'s parameters and buffers (resident anyway) are not counted. A sparse tensor (peft's
+    SHiRA saves a COO delta) counts its indices and values.
     """
     seen: dict[int, int] = {}
     resident = set()
@@ -102,6 +103,10 @@ def saved_activation_bytes(fn: Callable[[], Any], model: torch.nn.Module | None 
         resident = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.is_sparse:
+            for part in (t._indices(), t._values()):
+                seen[part.untyped_storage().data_ptr()] = part.untyped_storage().nbytes()
+            return t
         st = t.untyped_storage()
         if st.data_ptr() not in resident:
             seen[st.data_ptr()] = st.nbytes()
@@ -141,6 +146,42 @@ def report(title: str, rows: list[tuple[str, str]]) -> None:
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{w}}  {v}")
+
+
+def gsm8k_batches(path: str, tok: Any, count: int, rows: int, length: int,
+                  skip: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``count`` batches of ``rows`` GSM8K problems (question + answer, padded/cut to ``length`` tokens, LM labels
+    with padding ignored) from a jsonl file, after skipping ``skip`` batches."""
+    lines = open(path).read().splitlines()[skip * rows:(skip + count) * rows]
+    texts = [(lambda r: r["question"] + "\n" + r["answer"])(json.loads(x)) for x in lines]
+    out = []
+    for i in range(0, len(texts), rows):
+        enc = tok(texts[i:i + rows], truncation=True, max_length=length, padding="max_length", return_tensors="pt")
+        labels = enc["input_ids"].clone()
+        labels[enc["attention_mask"] == 0] = -100
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+    return out
+
+
+@torch.no_grad()
+def eval_loss(model: torch.nn.Module, data: list[dict[str, torch.Tensor]]) -> float:
+    """Mean LM loss over fixed batches in eval mode (the model's training mode is restored)."""
+    was = model.training
+    model.eval()
+    loss = statistics.mean(model(**b).loss.item() for b in data)
+    model.train(was)
+    return loss
+
+
+def report_results(results: Iterator[tuple[str, str, dict[str, float]]], json_path: str | None) -> None:
+    """Print each ``(key, title, figures)`` as it comes, then write ``{key: figures}`` to ``json_path`` if given."""
+    out = {}
+    for key, title, res in results:
+        out[key] = res
+        report(title, [(k, f"{v:.4f}") for k, v in res.items()])
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(out, f, indent=2)
 
 
 def cli(doc: str, run: Callable[..., dict[str, float]], title: str, **counts: int) -> None:

@@ -102,14 +102,8 @@ def main() -> None:
     if a.rss_child:
         rss_child(a.rss_child, methods[0], a.steps)
         return
-    results = {}
-    for method in methods:
-        results[method] = res = run(method, a.steps, a.warmup, a.rss_steps)
-        C.report(f"{method} training step, SmolLM2-135M all block linears, batch 4x128",
-                 [(k, f"{v:.4f}") for k, v in res.items()])
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=2)
+    C.report_results(((m, f"{m} training step, SmolLM2-135M all block linears, batch 4x128",
+                       run(m, a.steps, a.warmup, a.rss_steps)) for m in methods), a.json)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Memory: the bytes autograd saves for backward in one step (deterministic; parame
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -108,14 +107,8 @@ def main() -> None:
     ap.add_argument("--method", default="all", choices=[*METHODS, "all"])
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    results = {}
-    for method in (METHODS if a.method == "all" else (a.method,)):
-        results[method] = res = run(method, a.steps, a.warmup)
-        C.report(f"{method} training step vs peft, SmolLM2-135M, batch 4x128, 2 threads",
-                 [(k, f"{v:.4f}") for k, v in res.items()])
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=2)
+    C.report_results(((m, f"{m} training step vs peft, SmolLM2-135M, batch 4x128, 2 threads", run(m, a.steps, a.warmup))
+                      for m in (METHODS if a.method == "all" else (a.method,))), a.json)
 
 
 if __name__ == "__main__":

@@ -32,31 +32,12 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import _common as C
 import torch
 
 import peftkit
 from peftkit.methods.fakequant import grid, grouped, init_scale
 from peftkit.quant import QuantizedLinear, export_quantized
-
-BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def batches(path: str, tok, count: int, rows: int, length: int, skip: int = 0) -> list[dict[str, torch.Tensor]]:
-    lines = open(path).read().splitlines()[skip * rows:(skip + count) * rows]
-    texts = [(lambda r: r["question"] + "\n" + r["answer"])(json.loads(x)) for x in lines]
-    out = []
-    for i in range(0, len(texts), rows):
-        enc = tok(texts[i:i + rows], truncation=True, max_length=length, padding="max_length", return_tensors="pt")
-        labels = enc["input_ids"].clone()
-        labels[enc["attention_mask"] == 0] = -100
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
-    return out
-
-
-@torch.no_grad()
-def eval_loss(model: torch.nn.Module, data: list[dict[str, torch.Tensor]]) -> float:
-    model.eval()
-    return statistics.mean(model(**b).loss.item() for b in data)
 
 
 @torch.no_grad()
@@ -64,7 +45,7 @@ def round_to_nearest(model: torch.nn.Module, bits: int, group: int) -> torch.nn.
     """Post-training quantization of every block linear layer: ``s · clamp(round(W/s))``, absmax step sizes."""
     qmin, qmax = grid(bits)
     for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in BLOCK_LINEARS:
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in C.BLOCK_LINEARS:
             w = m.weight.float()
             g = group or w.shape[1]
             s = init_scale(w, g, bits).unsqueeze(-1)
@@ -117,33 +98,33 @@ def main() -> None:
     base, tok = load_causal_lm("smollm2-135m")
     base = base.float().eval()
     base.config.use_cache = False
-    train_data = batches(f"{args.data}/train.jsonl", tok, args.steps, args.rows, args.length)
-    held_out = batches(f"{args.data}/test.jsonl", tok, args.eval_batches, args.rows, args.length)
-    res: dict[str, float] = {"base_fp32": eval_loss(base, held_out)}
-    res["base_rtn"] = eval_loss(round_to_nearest(copy.deepcopy(base), args.bits, args.group_size), held_out)
+    train_data = C.gsm8k_batches(f"{args.data}/train.jsonl", tok, args.steps, args.rows, args.length)
+    held_out = C.gsm8k_batches(f"{args.data}/test.jsonl", tok, args.eval_batches, args.rows, args.length)
+    res: dict[str, float] = {"base_fp32": C.eval_loss(base, held_out)}
+    res["base_rtn"] = C.eval_loss(round_to_nearest(copy.deepcopy(base), args.bits, args.group_size), held_out)
     print(f"held-out loss: base fp32 {res['base_fp32']:.4f}, base RTN {args.bits}-bit {res['base_rtn']:.4f}", flush=True)
     step_s: dict[str, float] = {}
     for side in args.sides.split(","):
         torch.manual_seed(0)
         model = copy.deepcopy(base)
         if side == "lora+rtn":
-            peftkit.attach(model, peftkit.LoRA(r=16, alpha=32, target_modules=BLOCK_LINEARS))
+            peftkit.attach(model, peftkit.LoRA(r=16, alpha=32, target_modules=C.BLOCK_LINEARS))
             step_s[side] = statistics.median(train(model, train_data, args.lr, side))
-            res["lora_fp32"] = eval_loss(model, held_out)
+            res["lora_fp32"] = C.eval_loss(model, held_out)
             peftkit.unload(model, merge=True)
             round_to_nearest(model, args.bits, args.group_size)
         elif side in ("l4q", "lrqat"):
             cls = peftkit.L4Q if side == "l4q" else peftkit.LRQAT
             peftkit.attach(model, cls(r=16, alpha=32, bits=args.bits, group_size=args.group_size,
-                                      target_modules=BLOCK_LINEARS))
-            res[f"{side}_init"] = eval_loss(model, held_out)
+                                      target_modules=C.BLOCK_LINEARS))
+            res[f"{side}_init"] = C.eval_loss(model, held_out)
             lr = args.lrqat_lr if side == "lrqat" and args.lrqat_lr else args.lr
             step_s[side] = statistics.median(train(model, train_data, lr, side, args.scale_lr))
             export_quantized(model)
             assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 7 * len(model.model.layers)
         else:
             raise SystemExit(f"unknown side {side!r}; choose from lora+rtn, l4q, lrqat")
-        res[side] = eval_loss(model, held_out)
+        res[side] = C.eval_loss(model, held_out)
         print(f"{side}: held-out loss {res[side]:.4f} after {args.steps} steps ({args.bits}-bit weights)", flush=True)
         del model
     print(json.dumps({k: round(v, 4) for k, v in res.items()}))

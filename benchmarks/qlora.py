@@ -23,6 +23,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import _common as C
 import torch
 
 import peftkit
@@ -30,18 +31,6 @@ from peftkit import quant
 from peftkit.memory import weight_bytes
 
 MB = 2**20
-
-
-def batches(data: str, tok, steps: int, rows: int, length: int, split: str = "train") -> list[dict[str, torch.Tensor]]:
-    lines = open(f"{data}/{split}.jsonl").read().splitlines()[: steps * rows]
-    texts = [(lambda r: r["question"] + "\n" + r["answer"])(json.loads(x)) for x in lines]
-    out = []
-    for i in range(0, len(texts), rows):
-        enc = tok(texts[i:i + rows], truncation=True, max_length=length, padding="max_length", return_tensors="pt")
-        labels = enc["input_ids"].clone()
-        labels[enc["attention_mask"] == 0] = -100
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
-    return out
 
 
 def linear_weight_bytes(model: torch.nn.Module) -> int:
@@ -68,7 +57,7 @@ def run(base: torch.nn.Module, scheme: str | None, data: list[dict[str, torch.Te
                 if n.endswith("lora_A"):
                     p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
     torch.manual_seed(0)
-    start = held_out_loss(model, held_out)
+    start = C.eval_loss(model, held_out)
     rep = peftkit.memory_report(model, data[0], measure=True)
     print(f"  {scheme or 'bf16'}: weights {weight_bytes(model)[0] / MB:.1f} MB (linear layers {lin / MB:.1f} MB), "
           f"step peak measured {rep.measured_peak / MB:.1f} MB, estimated {rep.estimated_peak / MB:.1f} MB", flush=True)
@@ -87,20 +76,10 @@ def run(base: torch.nn.Module, scheme: str | None, data: list[dict[str, torch.Te
             print(f"  {scheme or 'bf16'} step {len(losses)}: loss {statistics.mean(losses[-10:]):.4f}, "
                   f"{statistics.median(times):.2f} s/step", flush=True)
     return {"weights_mb": weight_bytes(model)[0] / MB, "linear_weights_mb": lin / MB,
-            "held_out_start": start, "held_out_end": held_out_loss(model, held_out),
+            "held_out_start": start, "held_out_end": C.eval_loss(model, held_out),
             "measured_peak_mb": rep.measured_peak / MB, "estimated_peak_mb": rep.estimated_peak / MB,
             "loss_last10": statistics.mean(losses[-10:]), "loss_first": losses[0],
             "step_s_median": statistics.median(times)}
-
-
-@torch.no_grad()
-def held_out_loss(model: torch.nn.Module, held_out: list[dict[str, torch.Tensor]]) -> float:
-    """Mean LM loss over fixed GSM8K test batches (eval mode), the same batches for every side."""
-    was = model.training
-    model.eval()
-    loss = statistics.mean(model(**b).loss.item() for b in held_out)
-    model.train(was)
-    return loss
 
 
 def main() -> None:
@@ -120,8 +99,8 @@ def main() -> None:
     base, tok = load_causal_lm("smollm2-135m")
     base = base.to(torch.bfloat16).eval()
     base.config.use_cache = False
-    data = batches(args.data, tok, args.steps, args.rows, args.length)
-    held_out = batches(args.data, tok, args.held_out, args.rows, args.length, split="test")
+    data = C.gsm8k_batches(f"{args.data}/train.jsonl", tok, args.steps, args.rows, args.length)
+    held_out = C.gsm8k_batches(f"{args.data}/test.jsonl", tok, args.held_out, args.rows, args.length)
     res = {}
     sides = [x for x in args.sides.split(",") if x]
     bad = [x for x in sides if x not in ("nf4", "nf4+loftq", "int8")]

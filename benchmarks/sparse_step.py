@@ -63,29 +63,6 @@ def reference_model(method: str):
     return get_peft_model(model, cfg)
 
 
-def saved_bytes(fn, model) -> int:
-    """:func:`_common.saved_activation_bytes`, also counting sparse tensors (peft's SHiRA saves a COO delta):
-    a sparse tensor counts its indices and values."""
-    import torch
-
-    seen: dict[int, int] = {}
-    resident = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.is_sparse:
-            for part in (t._indices(), t._values()):
-                seen[part.untyped_storage().data_ptr()] = part.untyped_storage().nbytes()
-            return t
-        st = t.untyped_storage()
-        if st.data_ptr() not in resident:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 REFERENCE = {"rosa": "peft LoRA r=16", "spiel": "peft SHiRA r=4", "sara": "peft SHiRA r=4", "hft": "full fine-tuning"}
 BUILDERS = {"peftkit": peftkit_model, "reference": reference_model}
 
@@ -115,7 +92,7 @@ def run(method: str, steps: int, warmup: int = 2, rss_steps: int = 3) -> dict[st
     saved = {}
     for lib, m in models.items():
         m.train()
-        saved[lib] = saved_bytes(lambda m=m: m(**batch).loss, m)
+        saved[lib] = C.saved_activation_bytes(lambda m=m: m(**batch).loss, m)
     res["saved_mb_peftkit"] = saved["peftkit"] / 2**20
     res["saved_mb_reference"] = saved["reference"] / 2**20
     res["saved_memory_ratio"] = saved["peftkit"] / saved["reference"]
@@ -150,14 +127,8 @@ def main() -> None:
     if a.rss_child:
         rss_child(a.rss_child, methods[0], a.steps)
         return
-    results = {}
-    for method in methods:
-        results[method] = res = run(method, a.steps, a.warmup, a.rss_steps)
-        C.report(f"{method} training step vs {REFERENCE[method]}, SmolLM2-135M all block linears, batch 4x128",
-                 [(k, f"{v:.4f}") for k, v in res.items()])
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=2)
+    C.report_results(((m, f"{m} training step vs {REFERENCE[m]}, SmolLM2-135M all block linears, batch 4x128",
+                       run(m, a.steps, a.warmup, a.rss_steps)) for m in methods), a.json)
 
 
 if __name__ == "__main__":

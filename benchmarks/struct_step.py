@@ -110,15 +110,9 @@ def main() -> None:
     if a.rss_child:
         rss_child(a.rss_child, a.method, a.steps)
         return
-    results = {}
-    for method in (METHODS if a.method == "all" else (a.method,)):
-        res = run(method, a.steps, a.warmup, rss=not a.no_rss)
-        results[method] = res
-        C.report(f"{method} training step vs peft, SmolLM2-135M, batch 4x128, 2 threads",
-                 [(k, f"{v:.4f}") for k, v in res.items()])
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=2)
+    C.report_results(((m, f"{m} training step vs peft, SmolLM2-135M, batch 4x128, 2 threads",
+                       run(m, a.steps, a.warmup, rss=not a.no_rss))
+                      for m in (METHODS if a.method == "all" else (a.method,))), a.json)
 
 
 if __name__ == "__main__":
