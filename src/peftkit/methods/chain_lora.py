@@ -48,7 +48,7 @@ from ..core.layers import HF_CONV1D, LINEAR, layer_info
 from ..core.registry import register
 from ..core.targets import ATTENTION_QV
 from ..formats.codec import HFCodec
-from .lora import max_rank
+from .lora import rank_too_large
 
 
 @register
@@ -80,10 +80,7 @@ class ChainLoRA(LowRankOptions):
         reason = super().check_layer(base, module_name)
         if reason:
             return reason
-        r, limit = self.rank_for(module_name), max_rank(base)
-        if r > limit:
-            return f"rank {r} is larger than the layer allows ({limit} = min(out, in) of its {tuple(base.weight.shape)} weight)"
-        return None
+        return rank_too_large(self.rank_for(module_name), base)
 
     def build(self, base: nn.Module, module_name: str) -> ChainLoRALayer:
         return ChainLoRALayer(self, base, module_name)

@@ -154,11 +154,7 @@ class LoRA(LowRankOptions):
         if str(self.init).startswith(("pissa", "milora")) and is_quantized(base.weight):
             return (f"init={self.init!r} rewrites the base weight, which is quantized here; "
                     "use init='default' or peftkit.quant.loftq for a quantized base")
-        r = self.rank_for(module_name)
-        limit = max_rank(base)
-        if r > limit:
-            return f"rank {r} is larger than the layer allows ({limit} = min(out, in) of its {tuple(base.weight.shape)} weight)"
-        return None
+        return rank_too_large(self.rank_for(module_name), base)
 
     def build(self, base: nn.Module, module_name: str) -> LoRALayer:
         return LoRALayer(self, base, module_name)
@@ -169,6 +165,14 @@ def max_rank(base: nn.Module) -> int:
     if layer_kind(base) in (CONV1D, CONV2D):
         return min(w.shape[0], w[0].numel())
     return min(w.shape[0], w.shape[1])
+
+
+def rank_too_large(r: int, base: nn.Module, limit: int | None = None) -> str | None:
+    """The refusal of a rank above what the layer allows (``limit``, default :func:`max_rank`); None when it fits."""
+    limit = max_rank(base) if limit is None else limit
+    if r > limit:
+        return f"rank {r} is larger than the layer allows ({limit} = min(out, in) of its {tuple(base.weight.shape)} weight)"
+    return None
 
 
 class LoRALayer(AdapterModule):

@@ -40,6 +40,7 @@ from ..core.hooks import StepInfo
 from ..core.layers import HF_CONV1D, LINEAR, is_quantized, layer_info
 from ..core.registry import register
 from ..core.targets import ATTENTION_QV
+from .lora import rank_too_large
 from .svd_init import svd_triplets
 
 
@@ -81,11 +82,7 @@ class SORSA(AdapterConfig):
         if is_quantized(base.weight):
             return "sorsa needs the dense weight's SVD; dequantize the layer first"
         info = layer_info(base)
-        limit = min(info.in_features, info.out_features)
-        r = self.rank_for(module_name)
-        if r > limit:
-            return f"rank {r} is larger than the layer allows ({limit} = min(out, in) of its {tuple(base.weight.shape)} weight)"
-        return None
+        return rank_too_large(self.rank_for(module_name), base, min(info.in_features, info.out_features))
 
     def build(self, base: nn.Module, module_name: str) -> SORSALayer:
         return SORSALayer(self, base, module_name)

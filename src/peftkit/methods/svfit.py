@@ -39,6 +39,7 @@ from ..core.errors import ConfigError
 from ..core.layers import HF_CONV1D, LINEAR, as_matrix, is_quantized, layer_info
 from ..core.registry import register
 from ..core.targets import ATTENTION_QV
+from .lora import rank_too_large
 from .svd_init import energy_rank, svd_triplets
 
 
@@ -83,11 +84,8 @@ class SVFit(AdapterConfig):
         if is_quantized(base.weight):
             return "svfit needs the dense weight's SVD; dequantize the layer first"
         info = layer_info(base)
-        limit = min(info.in_features, info.out_features)
         r = self.fixed_rank(module_name)
-        if r is not None and r > limit:
-            return f"rank {r} is larger than the layer allows ({limit} = min(out, in) of its {tuple(base.weight.shape)} weight)"
-        return None
+        return None if r is None else rank_too_large(r, base, min(info.in_features, info.out_features))
 
     def resolve(self, model: nn.Module, module_names: list[str]) -> SVFit:
         """A copy whose ``rank_pattern`` holds every module's rank (fixed, or chosen by ``energy``)."""
