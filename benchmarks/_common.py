@@ -184,6 +184,27 @@ def report_results(results: Iterator[tuple[str, str, dict[str, float]]], json_pa
             json.dump(out, f, indent=2)
 
 
+def methods_cli(doc: str, methods: tuple[str, ...], builders: dict[str, Any], run: Callable[..., dict[str, float]],
+                rss_child: Callable[[str, str, int], None], title: Callable[[str], str]) -> None:
+    """The command line of a per-method step benchmark: ``--steps``, ``--warmup``, ``--rss-steps`` (peak RSS from a
+    child process per library, which re-enters with ``--rss-child LIB``), ``--methods``, ``--json``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6, help="timed rounds")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
+    ap.add_argument("--rss-steps", type=int, default=3, help="steps of each peak-memory child process (0: skip)")
+    ap.add_argument("--methods", default=",".join(methods))
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--rss-child", default=None, choices=list(builders))
+    a = ap.parse_args()
+    chosen = [m.strip() for m in a.methods.split(",") if m.strip()]
+    if a.rss_child:
+        rss_child(a.rss_child, chosen[0], a.steps)
+        return
+    report_results(((m, title(m), run(m, a.steps, a.warmup, a.rss_steps)) for m in chosen), a.json)
+
+
 def cli(doc: str, run: Callable[..., dict[str, float]], title: str, **counts: int) -> None:
     """The shared command line of a benchmark script: ``--<count> N`` options, ``--json PATH``; prints the figures."""
     import argparse

@@ -22,7 +22,6 @@ separate process per side (``--rss-steps``).
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import _common as C
@@ -115,20 +114,8 @@ def run(method: str, steps: int, warmup: int = 2, rss_steps: int = 3) -> dict[st
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=6, help="timed rounds (0: memory figures only)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
-    ap.add_argument("--rss-steps", type=int, default=3, help="steps of each peak-memory child process (0: skip)")
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--rss-child", default=None, choices=list(BUILDERS))
-    a = ap.parse_args()
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    if a.rss_child:
-        rss_child(a.rss_child, methods[0], a.steps)
-        return
-    C.report_results(((m, f"{m} training step vs {REFERENCE[m]}, SmolLM2-135M all block linears, batch 4x128",
-                       run(m, a.steps, a.warmup, a.rss_steps)) for m in methods), a.json)
+    C.methods_cli(__doc__, METHODS, BUILDERS, run, rss_child,
+                  lambda m: f"{m} training step vs {REFERENCE[m]}, SmolLM2-135M all block linears, batch 4x128")
 
 
 if __name__ == "__main__":
