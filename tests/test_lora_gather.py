@@ -118,3 +118,29 @@ def test_a_cast_model_rebuilds_the_stacks(three):
     assert ym.dtype == torch.float64 and all(s.a.dtype == torch.float64 for s in _stacks(model))
     for i, n in enumerate(rows):
         torch.testing.assert_close(ym[i], refs[n][i], rtol=1e-10, atol=1e-10)
+
+
+def test_the_cached_site_list_follows_new_sites_and_unloads(three):
+    """mixed_batch keeps the model's site list between calls; attaching to new modules or unloading renews it."""
+    from peftkit.core.model import site_list
+
+    model, inputs = three
+    with torch.no_grad(), peftkit.mixed_batch(model, ["a0"] * 4):
+        model(**inputs)
+    first, _ = site_list(model)
+    assert site_list(model)[0] is first  # no second walk while nothing changed
+    peftkit.attach(model, peftkit.LoRA(r=2, target_modules=["o_proj"]), name="new")  # sites on other modules
+    _randomise(model, "new", seed=7)
+    rows = ["new", "a0", "new", None]  # "new" is not on q_proj/v_proj, "a0" not on o_proj
+    with torch.no_grad():
+        refs = {n: _alone(model, inputs, n) for n in set(rows)}
+        with peftkit.mixed_batch(model, rows):
+            ym = model(**inputs).logits
+    for i, n in enumerate(rows):
+        torch.testing.assert_close(ym[i], refs[n][i], rtol=1e-5, atol=1e-5)
+    assert len(site_list(model)[0]) > len(first)
+    peftkit.unload(model)
+    assert site_list(model)[0] == []
+    with pytest.raises(peftkit.PeftkitError, match="new"):
+        with peftkit.mixed_batch(model, ["new"]):
+            pass

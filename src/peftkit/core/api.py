@@ -24,6 +24,7 @@ from .model import (
     check_names,
     iter_sites,
     replace_module,
+    site_list,
     unknown_adapter,
     validate_adapter_name,
 )
@@ -293,8 +294,8 @@ def mixed_batch(model: nn.Module, names_per_row: Sequence[str | None]) -> Iterat
     if bad:
         raise ConfigError(f"mixed_batch: row entries must be adapter names or None, got {bad[0]!r}")
     used = sorted({n for n in rows if n is not None})
-    # one walk over the model (this runs before every forward of a serving engine's decode step)
-    sites = [m for m in model.modules() if isinstance(m, AdapterSite)]
+    # cached between calls (this runs before every forward of a serving engine's decode step)
+    sites, site_ids = site_list(model)
     known = {n for s in sites for n in s.adapters}
     for n in used:
         if n not in known:
@@ -318,7 +319,7 @@ def mixed_batch(model: nn.Module, names_per_row: Sequence[str | None]) -> Iterat
     for i, n in enumerate(rows):
         index.setdefault(n, []).append(i)
     groups = {n: torch.tensor(ix, dtype=torch.long, device=device) for n, ix in index.items()}
-    token = ROW_GROUPS.set(RowGroups(rows, groups, frozenset(id(s) for s in sites)))
+    token = ROW_GROUPS.set(RowGroups(rows, groups, site_ids))
     try:
         yield model
     finally:

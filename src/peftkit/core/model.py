@@ -85,9 +85,26 @@ def parent_of(model: nn.Module, module_name: str) -> tuple[nn.Module, str]:
     return model, module_name
 
 
+#: bumped whenever peftkit puts a module into a model or takes one out; site lists are cached against it
+_STRUCTURE = [0]
+
+
 def replace_module(model: nn.Module, module_name: str, new: nn.Module) -> None:
     parent, child = parent_of(model, module_name)
     if isinstance(parent, nn.ModuleList | nn.Sequential) and child.isdigit():
         parent[int(child)] = new
     else:
         setattr(parent, child, new)
+    _STRUCTURE[0] += 1
+
+
+def site_list(model: nn.Module) -> tuple[list[AdapterSite], frozenset[int]]:
+    """Every site of ``model`` (outermost first) and their ids, without walking the model again while its
+    sites are the ones peftkit put there last (a serving engine asks before every forward)."""
+    hit = model.__dict__.get("_peftkit_sites")
+    if hit is not None and hit[0] == _STRUCTURE[0]:
+        return hit[1], hit[2]
+    sites = [m for m in model.modules() if isinstance(m, AdapterSite)]
+    ids = frozenset(id(s) for s in sites)
+    model.__dict__["_peftkit_sites"] = (_STRUCTURE[0], sites, ids)  # a plain attribute: never saved
+    return sites, ids

@@ -325,9 +325,11 @@ class LoRALayer(AdapterModule):
         wanted = memo.get("lora_wanted")
         if wanted is None:
             wanted = memo["lora_wanted"] = [n for n in dict.fromkeys(names_per_row) if n is not None]
-        if not wanted:
+        own = site.adapters._modules
+        here = [n for n in wanted if n in own]  # adapters of other modules give these rows nothing here
+        if not here:
             return None
-        ref = site.adapters[wanted[0]]
+        ref = own[here[0]]
         dtype, device = ref.lora_A.dtype, ref.lora_A.device
 
         def fits(m: Any) -> bool:
@@ -340,9 +342,9 @@ class LoRALayer(AdapterModule):
         if not fits(ref):
             return None
 
-        grad = torch.is_grad_enabled() and any(p.requires_grad for n in wanted for p in site.adapters[n].parameters())
+        grad = torch.is_grad_enabled() and any(p.requires_grad for n in here for p in own[n].parameters())
         if grad:  # gradients reach the factors through a stack built for this call
-            mods = {n: site.adapters[n] for n in wanted}
+            mods = {n: own[n] for n in here}
             if not all(fits(m) and not dropping(m) for m in mods.values()):
                 return None
             stack = build_stack(mods)
@@ -350,7 +352,7 @@ class LoRALayer(AdapterModule):
             stack = cached_stack(site, lambda: build_stack(
                 {n: m for n, m in site.adapters.items() if n not in site.merged and fits(m)}))
             index = set(stack.names)
-            if any(n not in index or dropping(site.adapters[n]) for n in wanted):
+            if any(n not in index or dropping(own[n]) for n in here):
                 return None
         a, b = row_factors(site, stack, names_per_row, memo, x.device, keep=not grad)
         return gathered_lora(a, b, x, base_out)

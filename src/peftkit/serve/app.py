@@ -165,7 +165,7 @@ def create_app(engine: Worker, limits: Limits | None = None, model_name: str = "
                     pass
             params = req.sampling(limits.default_max_tokens)
             try:
-                out.append(engine.submit(GenerationRequest(ids, adapter, params, emit)))
+                out.append(engine.submit(GenerationRequest(ids, adapter, params, emit, deltas=bool(req.stream))))
             except QueueFull as e:
                 for r in out:
                     r.cancel()

@@ -77,6 +77,9 @@ class GenerationRequest:
     created: float = field(default_factory=time.monotonic)
     stream: TextStream | None = None
     generator: torch.Generator | None = None
+    #: False: only the ``Finished`` event (with the whole text) is emitted, no ``Delta`` per token; a
+    #: non-streaming HTTP answer needs nothing else, and the event loop is not woken every step
+    deltas: bool = True
 
     def cancel(self) -> None:
         """Thread-safe: the engine drops the request at its next step (a client went away)."""
@@ -179,7 +182,7 @@ class Engine(Worker):
                 reason = "stop"
             else:
                 piece = stream.push(tok)
-                if piece:
+                if piece and r.deltas:
                     r.emit(Delta(piece))
                 if stream.stopped:
                     reason = "stop"
@@ -189,7 +192,7 @@ class Engine(Worker):
             if reason is not None:
                 if not stream.stopped:
                     rest = stream.flush()
-                    if rest:
+                    if rest and r.deltas:
                         r.emit(Delta(rest))
                 r.emit(Finished(reason, len(r.prompt_ids), len(r.tokens), stream.text))
                 done.add(r.id)
