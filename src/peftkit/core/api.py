@@ -280,8 +280,13 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, names_per_row: Sequence[str | None]) -> Iterator[nn.Module]:
+def mixed_batch(model: nn.Module, names_per_row: Sequence[str | None], *, tokens: bool = False) -> Iterator[nn.Module]:
     """Row ``i`` of every batch inside the block goes through adapter ``names_per_row[i]`` (None: the base).
+
+    ``tokens=True``: the batch is packed, ``[1, N, ...]`` (several requests' tokens in one sequence, as a
+    serving engine's packed step feeds them), and ``names_per_row[n]`` is the adapter of token ``n``. Sites
+    on token-wise modules (linear layers, embeddings, norms) and output-only methods allow this; others
+    refuse by name.
 
     The assignment lives in a context variable, not on the model: blocks nest, several threads
     can each run their own mixed batch on one model, and nothing is left behind by an exception.
@@ -319,7 +324,7 @@ def mixed_batch(model: nn.Module, names_per_row: Sequence[str | None]) -> Iterat
     for i, n in enumerate(rows):
         index.setdefault(n, []).append(i)
     groups = {n: torch.tensor(ix, dtype=torch.long, device=device) for n, ix in index.items()}
-    token = ROW_GROUPS.set(RowGroups(rows, groups, site_ids))
+    token = ROW_GROUPS.set(RowGroups(rows, groups, site_ids, tokens=bool(tokens)))
     try:
         yield model
     finally:

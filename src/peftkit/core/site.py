@@ -34,6 +34,8 @@ class RowGroups:
     names_per_row: list[str | None]
     groups: dict[str | None, torch.Tensor]
     sites: frozenset[int]
+    #: a packed batch ``[1, tokens, ...]``: the names are per token (a serving engine's packed step)
+    tokens: bool = False
     #: per-block values that every site would otherwise recompute (e.g. LoRA's row slots)
     memo: dict = field(default_factory=dict, compare=False)
 
@@ -143,16 +145,20 @@ class AdapterSite(nn.Module):
 
     # -- mixed batches -------------------------------------------------------------------
     def _mixed_forward(self, args: tuple, kwargs: dict) -> Any:
-        names_per_row, groups = self.row_groups  # type: ignore[misc]
+        rg = ROW_GROUPS.get()
+        assert rg is not None
+        names_per_row, groups = rg.names_per_row, rg.groups
         if not args:
             args, kwargs = _first_input_positional(self.base, kwargs)
         x = args[0]
-        if x.shape[0] != len(names_per_row):
+        packed = rg.tokens
+        if (x.dim() < 2 or x.shape[0] != 1 or x.shape[1] != len(names_per_row)) if packed \
+                else x.shape[0] != len(names_per_row):
             from .errors import PeftkitError
 
-            raise PeftkitError(
-                f"mixed_batch was given {len(names_per_row)} adapter names but the batch has {x.shape[0]} rows"
-            )
+            what = f"{x.shape[1] if x.dim() > 1 else 0} tokens in a packed batch of shape {tuple(x.shape)}" \
+                if packed else f"{x.shape[0]} rows"
+            raise PeftkitError(f"mixed_batch was given {len(names_per_row)} adapter names but the batch has {what}")
         own, merged = self._modules["adapters"]._modules, self.merged
         present = {n: own[n] for n in groups if n is not None and n in own and n not in merged}
         if not present:
@@ -161,32 +167,68 @@ class AdapterSite(nn.Module):
         output_only = all(not (m.transforms_input or m.overrides_params) for m in mods)
         if output_only and not kwargs and len(args) == 1:
             base_out = self.base(x)
-            kind = type(mods[0])
-            gathered = getattr(kind, "gathered_output", None)
-            if gathered is not None and all(type(m) is kind for m in mods):
-                out = gathered(self, names_per_row, x, base_out)
-                if out is not None:
-                    return out
-            out = base_out.clone()
-            for name, idx in groups.items():
-                if name not in present:
-                    continue
-                yb = base_out.index_select(0, idx)
-                out.index_copy_(0, idx, present[name].adapt_output(x.index_select(0, idx), yb, yb, self))
-            return out
-        # general path: each group of rows through its own adapter
+            if not packed:
+                return self._adapt_rows(names_per_row, groups, present, x, base_out)
+            if not isinstance(base_out, torch.Tensor) or base_out.shape[:2] != x.shape[:2]:
+                raise self._not_token_wise(mods[0])
+            # token n of the packed batch is row n: [1, N, ...] -> [N, 1, ...] and back
+            return self._adapt_rows(names_per_row, groups, present, x.transpose(0, 1),
+                                    base_out.transpose(0, 1)).transpose(0, 1)
+        if packed:
+            if kwargs or len(args) != 1 or not token_wise(self.base):
+                raise self._not_token_wise(mods[0])
+            return self._group_rows(groups, present, (x.transpose(0, 1),), {}, len(names_per_row)).transpose(0, 1)
+        return self._group_rows(groups, present, args, kwargs, x.shape[0])
+
+    def _adapt_rows(self, names_per_row: list[str | None], groups: dict, present: dict, x: torch.Tensor,
+                    base_out: Any) -> Any:
+        """Output-only adapters on a shared base output: one gathered product, else each group's rows."""
+        mods = list(present.values())
+        kind = type(mods[0])
+        gathered = getattr(kind, "gathered_output", None)
+        if gathered is not None and all(type(m) is kind for m in mods):
+            out = gathered(self, names_per_row, x, base_out)
+            if out is not None:
+                return out
+        out = base_out.clone()
+        for name, idx in groups.items():
+            if name not in present:
+                continue
+            yb = base_out.index_select(0, idx)
+            out.index_copy_(0, idx, present[name].adapt_output(x.index_select(0, idx), yb, yb, self))
+        return out
+
+    def _group_rows(self, groups: dict, present: dict, args: tuple, kwargs: dict, n: int) -> Any:
+        """The general path: each group of rows through its own adapter (or the base)."""
         outs: list[tuple[torch.Tensor, Any]] = []
         for name, idx in groups.items():
-            sub_args = tuple(_rows(a, idx, x.shape[0]) for a in args)
-            sub_kwargs = {k: _rows(v, idx, x.shape[0]) for k, v in kwargs.items()}
+            sub_args = tuple(_rows(a, idx, n) for a in args)
+            sub_kwargs = {k: _rows(v, idx, n) for k, v in kwargs.items()}
             if name in present:
                 outs.append((idx, self.run_adapters([name], sub_args, sub_kwargs)))
             else:
                 outs.append((idx, self.base(*sub_args, **sub_kwargs)))
-        return _scatter_rows(outs, x.shape[0])
+        return _scatter_rows(outs, n)
+
+    def _not_token_wise(self, mod: AdapterModule) -> Exception:
+        from .errors import PeftkitError
+
+        return PeftkitError(
+            f"{mod.config.method} on a {type(self.base).__name__} cannot run in a packed batch (tokens of several "
+            "requests in one sequence): the module mixes tokens or the method changes its input; "
+            "serve it with the padded engine (peftkit serve --engine padded)")
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}"
+
+
+def token_wise(module: nn.Module) -> bool:
+    """Whether ``module`` maps every token on its own (a linear layer, an embedding, a norm), so that the tokens
+    of a packed batch may be regrouped as rows around it."""
+    if isinstance(module, nn.Linear | nn.Embedding | nn.LayerNorm):
+        return True
+    name = type(module).__name__
+    return name == "Conv1D" or name.endswith(("RMSNorm", "LayerNorm"))
 
 
 def _first_input_positional(base: nn.Module, kwargs: dict) -> tuple[tuple, dict]:

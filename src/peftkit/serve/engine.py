@@ -13,6 +13,12 @@ request's ``emit`` callback. One iteration of the loop:
    to the running batch (:class:`~peftkit.serve.kv.BatchKV`);
 4. one decode step for every running row: feed each row's last token at its own position.
 
+That is the *padded* layout. Models that take pluggable attention functions (Llama, Mistral, Qwen,
+... in transformers) run *packed* steps instead (:mod:`peftkit.serve.packed`): steps 3 and 4 are one
+forward over the joining prompts and every running row's next token laid end to end, so a request
+joining costs no forward of its own. ``layout="auto"`` (the default) picks packed when the model
+passes a numerical probe at start (packed logits equal the model's own), else padded.
+
 Rows go through their own adapters in the same forward with ``peftkit.mixed_batch`` (LoRA: one
 gathered batched product for all adapters per layer, never a loop over rows). While all live rows
 use one mergeable adapter, it is merged into the weights instead (:class:`~peftkit.serve.fastpath.
@@ -39,7 +45,10 @@ from .adapters import AdapterTable
 from .decoding import SamplingParams, TextStream, next_tokens
 from .kv import BatchKV, left_padded, positions
 from .metrics import Metrics
-from .worker import Failed, QueueFull, Worker
+from .packed import PackedCache, SlotKV, packed_step, unsupported_reason
+from .worker import Failed, QueueFull, Worker, log
+
+LAYOUTS = ("auto", "packed", "padded")
 
 __all__ = ["Delta", "Engine", "Event", "Failed", "Finished", "GenerationRequest", "QueueFull"]
 
@@ -90,7 +99,13 @@ class Engine(Worker):
     """Serves generation requests for ``model`` (a causal LM) and the adapters of ``table``."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, table: AdapterTable, max_batch: int = 16,
-                 max_waiting: int = 1024, merge_single: bool = True, metrics: Metrics | None = None) -> None:
+                 max_waiting: int = 1024, merge_single: bool = True, metrics: Metrics | None = None,
+                 layout: str = "auto") -> None:
+        if layout not in LAYOUTS:
+            from ..core.errors import ConfigError, did_you_mean
+
+            raise ConfigError(f"unknown engine layout {layout!r}{did_you_mean(layout, LAYOUTS)}; "
+                              f"choose one of {', '.join(LAYOUTS)}")
         super().__init__(model, tokenizer, table, max_batch, max_waiting, metrics)
         self.merge_single = merge_single
         self.pad_id = _pad_id(tokenizer)
@@ -103,20 +118,111 @@ class Engine(Worker):
         # transformers 5.x renamed ``past_key_values`` to ``cache``; ``logits_to_keep=1``: no LM head over the prompt
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
         self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+        self.kv: SlotKV | None = None  # the packed layout's cache (None: padded layout)
+        self.layout = self._choose_layout(layout)
 
     def work(self) -> None:
         room = self.max_batch - len(self.running)
-        if room > 0 and self.waiting:
-            new = self.admit(room)
-            if new:
-                self._prefill(new)
+        new = self.admit(room) if room > 0 and self.waiting else []
+        if self.kv is not None:
+            if self.running or new:
+                self._packed(new)
+            return
+        if new:
+            self._prefill(new)
         if self.running:
             self._decode()
 
     def reset(self) -> None:
         self.batch = None
+        if self.kv is not None:
+            self.kv = SlotKV(self.max_batch)
 
-    def _route(self, names: list[str | None]) -> contextlib.AbstractContextManager:
+    # -- packed layout: one forward per step -------------------------------------------------
+    def _choose_layout(self, layout: str) -> str:
+        if layout == "padded":
+            return "padded"
+        reason = unsupported_reason(self.model) or self._probe()
+        if reason is None:
+            self.kv = SlotKV(self.max_batch)
+            return "packed"
+        if layout == "packed":
+            from ..core.errors import ConfigError
+
+            raise ConfigError(f"the packed engine layout cannot serve this model: {reason}; use --engine padded")
+        log.info("serving with the padded engine layout: %s", reason)
+        return "padded"
+
+    def _probe(self) -> str | None:
+        """Two prompts prefilled and decoded one token in packed steps must give the model's own logits."""
+        from ..core.api import disabled
+
+        vocab = int(getattr(self.model.config, "vocab_size", 0) or 0)
+        if vocab < 2:
+            return "the model's config has no vocab_size"
+        prompts = [[(7 * i + 3) % vocab for i in range(3)], [(11 * i + 5) % vocab for i in range(6)]]
+        kv = SlotKV(2, capacity=4)  # the second step grows the capacity: that path is probed too
+        try:
+            with torch.no_grad(), disabled(self.model):
+                first = self._packed_forward(kv, [], prompts, None)
+                nxt = first.argmax(-1).tolist()
+                second = self._packed_forward(kv, nxt, [], None)
+                for p, a, t, b in zip(prompts, first, nxt, second, strict=True):
+                    for ids, got in ((p, a), ([*p, t], b)):
+                        want = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, -1]
+                        err = float((got.float() - want.float()).abs().max())
+                        tol = (1e-3 if want.dtype in (torch.float32, torch.float64) else 6e-2) * \
+                            (1 + float(want.float().abs().max()))
+                        if not err <= tol:
+                            return f"a packed probe step differs from the model's own logits by {err:.3g}"
+        except Exception as e:  # the model's code does not fit packed steps
+            return f"a packed probe step failed ({type(e).__name__}: {e})"
+        return None
+
+    def _packed_forward(self, kv: SlotKV, last: list[int], prompts: list[list[int]],
+                        names: list[str | None] | None) -> torch.Tensor:
+        """One packed forward: ``last[i]`` fed to running row ``i``, ``prompts`` joining; next-token logits per row."""
+        ids, pos, keep = list(last), list(kv.lengths), list(range(len(last)))
+        for p in prompts:
+            ids += p
+            pos += range(len(p))
+            keep.append(len(ids) - 1)
+        plan = kv.plan([len(p) for p in prompts], self.device)
+        kw = {self._cache_arg: PackedCache(kv), "use_cache": True}
+        if self._keep_last:
+            kw["logits_to_keep"] = torch.tensor(keep, dtype=torch.long, device=self.device)
+        route = self._route(names, tokens=True) if names is not None else contextlib.nullcontext()
+        with route, packed_step(self.model, plan):
+            out = self.model(input_ids=torch.tensor([ids], device=self.device),
+                             position_ids=torch.tensor([pos], device=self.device), **kw)
+        kv.commit(plan)
+        logits = out.logits[0]
+        return logits if self._keep_last else logits[keep]
+
+    def _packed(self, new: list[GenerationRequest]) -> None:
+        kv = self.kv
+        assert kv is not None
+        names = [r.adapter for r in self.running] + [r.adapter for r in new for _ in r.prompt_ids]
+        logits = self._packed_forward(kv, [r.tokens[-1] for r in self.running], [r.prompt_ids for r in new], names)
+        self.metrics.step()
+        if new:
+            self.metrics.tokens(prompt=sum(len(r.prompt_ids) for r in new))
+            self._start(new)
+        rows = self.running = self.running + new
+        done = self._accept(rows, logits)
+        for i in sorted((i for i, r in enumerate(rows) if r.id in done), reverse=True):
+            kv.remove(i)  # the last row moves into slot i: the running list does the same
+            moved = rows.pop()
+            if i < len(rows):
+                rows[i] = moved
+
+    def _start(self, new: list[GenerationRequest]) -> None:
+        for r in new:
+            r.stream = TextStream(self.tokenizer, r.params.stop)
+            r.generator = r.params.generator(self.device)
+
+    # -- both layouts ---------------------------------------------------------------------
+    def _route(self, names: list[str | None], tokens: bool = False) -> contextlib.AbstractContextManager:
         """How this forward applies adapters: merged (one adapter live), mixed batch, or the bare base."""
         from ..core.api import mixed_batch
 
@@ -131,7 +237,7 @@ class Engine(Worker):
         if live == {None}:
             return contextlib.nullcontext()
         self.mixed_steps += 1
-        return mixed_batch(self.model, names)
+        return mixed_batch(self.model, names, tokens=tokens)
 
     def _prefill(self, new: list[GenerationRequest]) -> None:
         ids, mask = left_padded([r.prompt_ids for r in new], self.pad_id, self.device)
@@ -146,11 +252,9 @@ class Engine(Worker):
             self.batch = part
         else:
             self.batch.extend(part)
-        for r in new:
-            r.stream = TextStream(self.tokenizer, r.params.stop)
-            r.generator = r.params.generator(self.device)
+        self._start(new)
         self.running.extend(new)
-        self._accept(new, out.logits[:, -1])
+        self._drop(self._accept(new, out.logits[:, -1]))
 
     def _decode(self) -> None:
         assert self.batch is not None
@@ -163,10 +267,21 @@ class Engine(Worker):
                              **{self._cache_arg: self.batch.cache}, use_cache=True)
         self.metrics.step()
         self.batch.cache = _cache_of(out)
-        self._accept(list(self.running), out.logits[:, -1])
+        self._drop(self._accept(list(self.running), out.logits[:, -1]))
 
-    def _accept(self, rows: list[GenerationRequest], logits: torch.Tensor) -> None:
-        """Choose each row's next token, release its text, and retire the rows that are done."""
+    def _drop(self, done: set[int]) -> None:
+        """Padded layout: the finished rows leave the batch and its cache."""
+        if done:
+            keep = [i for i, r in enumerate(self.running) if r.id not in done]
+            self.running = [self.running[i] for i in keep]
+            if not keep:
+                self.batch = None
+            else:
+                assert self.batch is not None
+                self.batch.select(torch.tensor(keep, dtype=torch.long, device=self.device))
+
+    def _accept(self, rows: list[GenerationRequest], logits: torch.Tensor) -> set[int]:
+        """Choose each row's next token and release its text; the ids of the requests that are done."""
         tokens = next_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
         done: set[int] = set()
         for r, tok in zip(rows, tokens, strict=True):
@@ -197,14 +312,7 @@ class Engine(Worker):
                 r.emit(Finished(reason, len(r.prompt_ids), len(r.tokens), stream.text))
                 done.add(r.id)
         self.metrics.tokens(generated=len(rows))
-        if done:
-            keep = [i for i, r in enumerate(self.running) if r.id not in done]
-            self.running = [self.running[i] for i in keep]
-            if not keep:
-                self.batch = None
-            else:
-                assert self.batch is not None
-                self.batch.select(torch.tensor(keep, dtype=torch.long, device=self.device))
+        return done
 
 
 def _cache_of(out: Any) -> Any:

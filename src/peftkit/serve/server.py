@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,7 @@ from ..core.errors import ConfigError
 from .adapters import AdapterTable, check_dir, check_name
 from .app import Limits, create_app
 from .encoder import EncoderEngine
-from .engine import Engine
+from .engine import LAYOUTS, Engine
 from .worker import Worker
 
 TASKS = ("causal-lm", "embedding", "classification")
@@ -36,7 +38,8 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
 
 def build(model: Any, tokenizer: Any, adapters: list[tuple[str, Path]], max_adapters: int = 8,
           adapter_root: str | Path | None = None, max_batch: int = 16, limits: Limits | None = None,
-          merge_single: bool = True, model_name: str = "base", max_waiting: int = 1024) -> tuple[Any, Worker]:
+          merge_single: bool = True, model_name: str = "base", max_waiting: int = 1024,
+          layout: str = "auto") -> tuple[Any, Worker]:
     """``(FastAPI app, engine)`` for ``model`` and its adapters (the first ``max_adapters`` loaded now).
 
     A model that can generate (a causal LM) gets the generation :class:`Engine`; an encoder gets the
@@ -53,7 +56,8 @@ def build(model: Any, tokenizer: Any, adapters: list[tuple[str, Path]], max_adap
     can_generate = getattr(model, "can_generate", None)
     engine: Worker
     if callable(can_generate) and can_generate():
-        engine = Engine(model, tokenizer, table, max_batch=max_batch, max_waiting=max_waiting, merge_single=merge_single)
+        engine = Engine(model, tokenizer, table, max_batch=max_batch, max_waiting=max_waiting, merge_single=merge_single,
+                        layout=layout)
     else:
         engine = EncoderEngine(model, tokenizer, table, max_batch=max_batch, max_waiting=max_waiting)
     return create_app(engine, limits, model_name), engine
@@ -79,6 +83,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-merge", action="store_true", help="never merge a lone adapter into the weights")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16: the dtype the base model and the "
                                                       "adapters are served in")
+    p.add_argument("--engine", default="auto", help="auto | packed | padded: packed steps put the prompts of joining "
+                                                    "requests and the running rows' next tokens in one forward (models "
+                                                    "with pluggable attention, checked at start); padded prefills "
+                                                    "joining requests in a forward of their own (any causal LM)")
     p.add_argument("--log-level", default="warning")
 
 
@@ -87,7 +95,6 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..core.errors import did_you_mean
-    from ..hub.models import load_causal_lm, load_encoder, load_tokenizer
 
     if args.task not in TASKS:
         raise ConfigError(f"--task {args.task!r} is unknown{did_you_mean(args.task, TASKS)}; tasks: {', '.join(TASKS)}")
@@ -101,6 +108,11 @@ def serve(args: argparse.Namespace) -> int:
     if args.model not in ALIASES and not Path(args.model).is_dir():
         raise ConfigError(f"--model {args.model!r} is neither an alias{did_you_mean(args.model, ALIASES)} nor a "
                           f"directory; aliases: {', '.join(ALIASES)}")
+    if args.engine not in LAYOUTS:
+        raise ConfigError(f"--engine {args.engine!r} is unknown{did_you_mean(args.engine, LAYOUTS)}; "
+                          f"choose one of {', '.join(LAYOUTS)}")
+    if args.engine != "auto" and args.task != "causal-lm":
+        raise ConfigError(f"--engine {args.engine} applies to generation (--task causal-lm), not --task {args.task}")
     if args.dtype not in DTYPES:
         raise ConfigError(f"--dtype {args.dtype!r} is unknown{did_you_mean(args.dtype, DTYPES)}; "
                           f"choose one of {', '.join(DTYPES)}")
@@ -108,6 +120,33 @@ def serve(args: argparse.Namespace) -> int:
     if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
         raise ConfigError(f"--adapter-root {args.adapter_root} is not a directory")
     labels = adapter_labels(adapters) if args.task == "classification" else None
+    # every torch call of the server runs on one thread (see Worker.claim_thread): this one loads the model and
+    # then runs the engine; the main thread runs the HTTP server (and its signal handling)
+    ready: Future = Future()
+
+    def engine_thread() -> None:
+        try:
+            app, engine = _load_and_build(args, adapters, labels)
+            engine.claim_thread()
+        except BaseException as e:  # reported by the main thread
+            ready.set_exception(e)
+            return
+        ready.set_result((app, engine))
+        engine.run_here()
+
+    threading.Thread(target=engine_thread, name="peftkit-engine", daemon=True).start()
+    app, engine = ready.result()
+    print(f"peftkit serve: {args.model} with {len(adapters)} adapter(s) on http://{args.host}:{args.port}/v1", flush=True)
+    try:  # on SIGTERM/Ctrl-C requests in flight get 5 s to finish, then their handlers are cancelled
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        engine.stop()
+    return 0
+
+
+def _load_and_build(args: argparse.Namespace, adapters: list[tuple[str, Path]], labels: list[str] | None) -> Any:
+    from ..hub.models import load_causal_lm, load_encoder, load_tokenizer
+
     tok = load_tokenizer(args.model)
     if args.task == "causal-lm":
         model, tok = load_causal_lm(args.model, tokenizer=tok)
@@ -122,12 +161,8 @@ def serve(args: argparse.Namespace) -> int:
     model.to(getattr(torch, args.dtype))
     limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                     max_body_bytes=args.max_body_bytes)
-    app, _ = build(model, tok, adapters, args.max_adapters, args.adapter_root, args.max_batch, limits,
-                   merge_single=not args.no_merge, max_waiting=args.max_waiting)
-    print(f"peftkit serve: {args.model} with {len(adapters)} adapter(s) on http://{args.host}:{args.port}/v1", flush=True)
-    # on SIGTERM/Ctrl-C requests in flight get 5 s to finish, then their handlers are cancelled
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
-    return 0
+    return build(model, tok, adapters, args.max_adapters, args.adapter_root, args.max_batch, limits,
+                 merge_single=not args.no_merge, max_waiting=args.max_waiting, layout=args.engine)
 
 
 def adapter_labels(adapters: list[tuple[str, Path]]) -> list[str] | None:
