@@ -22,6 +22,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,10 @@ class AdapterTable:
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         self.loads = 0
         self.evictions = 0
+        #: called after an adapter was loaded or evicted (base weights may have changed with it)
+        self.changed: Callable[[], None] | None = None
+        #: the engine runs packed steps: adapters must work on packed batches (checked at load)
+        self.packed = False
         self._lock = threading.Lock()
 
     # -- reads (any thread) ------------------------------------------------------------------
@@ -156,12 +161,24 @@ class AdapterTable:
             delete(self.model, name)
             raise AdapterLoadError(f"{path}: adapter {name!r} ({bad[0][1]}, at {bad[0][0]}) cannot be served: its rows "
                                    "cannot share a batch with other adapters' rows")
+        if self.packed:
+            culprit = _not_packable(self.model, name)
+            if culprit is not None:
+                delete(self.model, name)
+                self._notify()
+                raise AdapterLoadError(f"{path}: adapter {name!r} cannot be served with packed steps: {culprit}; "
+                                       "start the server with --engine padded")
         self.model.eval()
         self._cast(name)
         with self._lock:
             self.lru[name] = None
             self.known[name].loaded_at = time.time()
         self.loads += 1
+        self._notify()
+
+    def _notify(self) -> None:
+        if self.changed is not None:
+            self.changed()
 
     @torch.no_grad()
     def _cast(self, name: str) -> None:
@@ -180,4 +197,19 @@ class AdapterTable:
             if name in self.known:
                 self.known[name].loaded_at = None
         self.evictions += 1
+        self._notify()
+
+
+def _not_packable(model: nn.Module, name: str) -> str | None:
+    """Why adapter ``name`` cannot run on packed batches (None: it can): a method that changes the input or the
+    weights of a module that mixes tokens (token ``n`` of a packed batch is its own row only around token-wise
+    modules; output-only methods are applied after the module, so any module is fine for them)."""
+    from ..core.model import iter_sites
+    from ..core.site import token_wise
+
+    for path, site in iter_sites(model):
+        m = site.adapters._modules.get(name)
+        if m is not None and (m.transforms_input or m.overrides_params) and not token_wise(site.base):
+            return f"{m.config.method} at {path} changes the input of a {type(site.base).__name__}, which mixes tokens"
+    return None
 

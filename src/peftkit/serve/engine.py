@@ -46,6 +46,8 @@ from .decoding import SamplingParams, TextStream, next_tokens
 from .kv import BatchKV, left_padded, positions
 from .metrics import Metrics
 from .packed import PackedCache, SlotKV, packed_step, unsupported_reason
+from .prepack import Prepacked
+from .prepack import available as prepack_available
 from .worker import Failed, QueueFull, Worker, log
 
 LAYOUTS = ("auto", "packed", "padded")
@@ -100,13 +102,18 @@ class Engine(Worker):
 
     def __init__(self, model: nn.Module, tokenizer: Any, table: AdapterTable, max_batch: int = 16,
                  max_waiting: int = 1024, merge_single: bool = True, metrics: Metrics | None = None,
-                 layout: str = "auto") -> None:
+                 layout: str = "auto", max_step_tokens: int = 512, prepack: bool = False) -> None:
         if layout not in LAYOUTS:
             from ..core.errors import ConfigError, did_you_mean
 
             raise ConfigError(f"unknown engine layout {layout!r}{did_you_mean(layout, LAYOUTS)}; "
                               f"choose one of {', '.join(LAYOUTS)}")
         super().__init__(model, tokenizer, table, max_batch, max_waiting, metrics)
+        if max_step_tokens < 1:
+            from ..core.errors import ConfigError
+
+            raise ConfigError(f"max_step_tokens must be at least 1, got {max_step_tokens}")
+        self.max_step_tokens = max_step_tokens  # prompt tokens joining per step (a longer single prompt still joins)
         self.merge_single = merge_single
         self.pad_id = _pad_id(tokenizer)
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -119,11 +126,18 @@ class Engine(Worker):
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
         self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
         self.kv: SlotKV | None = None  # the packed layout's cache (None: padded layout)
-        self.layout = self._choose_layout(layout)
+        #: oneDNN-blocked copies of the frozen linear weights (CPU), refreshed when weights change
+        self.prepacked: Prepacked | None = None
+        if prepack and self.device.type == "cpu" and prepack_available():
+            self.prepacked = Prepacked(model)
+            self.prepacked.sync()
+            table.changed = self.merged.changed = self.prepacked.sync
+        self.layout = self._choose_layout(layout)  # the probe runs through the prepacked weights too
+        table.packed = self.layout == "packed"
 
     def work(self) -> None:
         room = self.max_batch - len(self.running)
-        new = self.admit(room) if room > 0 and self.waiting else []
+        new = self.admit(room, self.max_step_tokens) if room > 0 and self.waiting else []
         if self.kv is not None:
             if self.running or new:
                 self._packed(new)
@@ -132,6 +146,13 @@ class Engine(Worker):
             self._prefill(new)
         if self.running:
             self._decode()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        super().stop(timeout)
+        if self.prepacked is not None and self._thread is None:  # the model gets its own forwards back
+            self.table.changed = self.merged.changed = None
+            self.prepacked.close()
+            self.prepacked = None
 
     def reset(self) -> None:
         self.batch = None

@@ -11,6 +11,8 @@ merge and copied back after the unmerge, bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -25,6 +27,8 @@ class MergedPath:
         self.name: str | None = None
         self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.merges = 0
+        #: called after the base weights changed (a merge or a restore), e.g. to refresh prepacked copies
+        self.changed: Callable[[], None] | None = None
 
     def mergeable(self, name: str) -> bool:
         from ..core.api import get_adapter
@@ -44,6 +48,8 @@ class MergedPath:
         merge(self.model, name)
         self.name = name
         self.merges += 1
+        if self.changed is not None:
+            self.changed()
 
     @torch.no_grad()
     def release(self) -> None:
@@ -57,3 +63,5 @@ class MergedPath:
             p.data.copy_(saved)
         self._saved = []
         self.name = None
+        if self.changed is not None:
+            self.changed()

@@ -39,7 +39,7 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
 def build(model: Any, tokenizer: Any, adapters: list[tuple[str, Path]], max_adapters: int = 8,
           adapter_root: str | Path | None = None, max_batch: int = 16, limits: Limits | None = None,
           merge_single: bool = True, model_name: str = "base", max_waiting: int = 1024,
-          layout: str = "auto") -> tuple[Any, Worker]:
+          layout: str = "auto", max_step_tokens: int = 512, prepack: bool = False) -> tuple[Any, Worker]:
     """``(FastAPI app, engine)`` for ``model`` and its adapters (the first ``max_adapters`` loaded now).
 
     A model that can generate (a causal LM) gets the generation :class:`Engine`; an encoder gets the
@@ -57,7 +57,7 @@ def build(model: Any, tokenizer: Any, adapters: list[tuple[str, Path]], max_adap
     engine: Worker
     if callable(can_generate) and can_generate():
         engine = Engine(model, tokenizer, table, max_batch=max_batch, max_waiting=max_waiting, merge_single=merge_single,
-                        layout=layout)
+                        layout=layout, max_step_tokens=max_step_tokens, prepack=prepack)
     else:
         engine = EncoderEngine(model, tokenizer, table, max_batch=max_batch, max_waiting=max_waiting)
     return create_app(engine, limits, model_name), engine
@@ -77,10 +77,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument("--max-waiting", type=int, default=1024,
                    help="requests queued for the batch at most; more are answered 429 (rate_limit_error)")
+    p.add_argument("--max-step-tokens", type=int, default=512,
+                   help="prompt tokens that join the batch in one step at most (a longer single prompt joins alone)")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, default=4096)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--no-merge", action="store_true", help="never merge a lone adapter into the weights")
+    p.add_argument("--no-prepack", action="store_true",
+                   help="on a CPU, do not keep oneDNN-blocked copies of the linear weights (faster products, twice the "
+                        "memory for those weights)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16: the dtype the base model and the "
                                                       "adapters are served in")
     p.add_argument("--engine", default="auto", help="auto | packed | padded: packed steps put the prompts of joining "
@@ -98,7 +103,8 @@ def serve(args: argparse.Namespace) -> int:
 
     if args.task not in TASKS:
         raise ConfigError(f"--task {args.task!r} is unknown{did_you_mean(args.task, TASKS)}; tasks: {', '.join(TASKS)}")
-    for flag in ("max_adapters", "max_batch", "max_waiting", "max_tokens_limit", "max_prompt_tokens", "max_body_bytes"):
+    for flag in ("max_adapters", "max_batch", "max_waiting", "max_tokens_limit", "max_prompt_tokens", "max_body_bytes",
+                 "max_step_tokens"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if not 0 <= args.port < 65536:
@@ -162,7 +168,8 @@ def _load_and_build(args: argparse.Namespace, adapters: list[tuple[str, Path]], 
     limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                     max_body_bytes=args.max_body_bytes)
     return build(model, tok, adapters, args.max_adapters, args.adapter_root, args.max_batch, limits,
-                 merge_single=not args.no_merge, max_waiting=args.max_waiting, layout=args.engine)
+                 merge_single=not args.no_merge, max_waiting=args.max_waiting, layout=args.engine,
+                 max_step_tokens=args.max_step_tokens, prepack=not args.no_prepack)
 
 
 def adapter_labels(adapters: list[tuple[str, Path]]) -> list[str] | None:

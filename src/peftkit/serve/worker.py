@@ -167,15 +167,20 @@ class Worker:
         with self._count:
             self._pending -= 1
 
-    def admit(self, room: int) -> list[Any]:
+    def admit(self, room: int, budget: int | None = None) -> list[Any]:
         """Up to ``room`` waiting requests whose adapters are (now) loaded, oldest first.
 
+        ``budget``: prompt tokens joining in one step at most (the first request joins whatever its
+        length), so a burst of long prompts does not stall the running rows for one huge forward.
         A request whose adapter cannot be loaded yet (``max_adapters`` reached, all of them held by
         running rows) blocks the requests behind it until a loaded adapter becomes idle."""
         new: list[Any] = []
         busy = self.busy()
+        tokens = 0
         for req in list(self.waiting):
             if len(new) >= room:
+                break
+            if budget is not None and new and tokens + len(req.prompt_ids) > budget:
                 break
             if req.cancelled:
                 self.leave_queue(req)
@@ -201,6 +206,7 @@ class Worker:
                 busy.add(req.adapter)
             self.leave_queue(req)
             new.append(req)
+            tokens += len(getattr(req, "prompt_ids", ()))
         return new
 
     endpoint = "generate"

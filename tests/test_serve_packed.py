@@ -1,0 +1,219 @@
+"""The packed engine layout (peftkit.serve.packed): slot cache, packed attention, token-wise mixed batches, layout choice."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.core.errors import ConfigError, PeftkitError
+from peftkit.serve import packed
+from peftkit.serve.adapters import AdapterTable
+from peftkit.serve.engine import Engine
+from peftkit.serve.packed import SlotKV
+
+from .serve_fixtures import make_adapters, tiny_lm
+
+
+def _fill(kv: SlotKV, layer: int = 0) -> None:
+    """Write each slot's column c as the value 100*slot + c (one kv head, d = 1) so moves are visible."""
+    like = torch.zeros(1, 1, 1, 1)
+    k, v = kv.storage(layer, like, like)
+    for i, n in enumerate(kv.lengths):
+        k[i, 0, :n, 0] = 100 * i + torch.arange(n, dtype=k.dtype)
+        v[i, 0, :n, 0] = -(100 * i + torch.arange(n, dtype=k.dtype))
+
+
+def test_slot_cache_plan_commit_remove_and_growth():
+    kv = SlotKV(slots=4, capacity=4)
+    plan = kv.plan([3, 2], torch.device("cpu"))
+    assert plan.decode == 0 and plan.segments == [(0, 0, 3), (1, 3, 2)] and plan.mask is None
+    kv.commit(plan)
+    assert kv.lengths == [3, 2]
+    plan = kv.plan([4], torch.device("cpu"))  # rows decode at columns 3 and 2; the prompt takes slot 2
+    assert plan.decode == 2 and plan.cols.tolist() == [3, 2] and plan.width == 4
+    assert plan.mask[:, 0, 0].tolist() == [[True, True, True, True], [True, True, True, False]]
+    assert plan.segments == [(2, 2, 4)]
+    kv.commit(plan)
+    assert kv.lengths == [4, 3, 4]
+    _fill(kv)
+    kv.plan([], torch.device("cpu"))  # row 0 needs column 4: the capacity doubles, the contents stay
+    assert kv.capacity == 8 and kv.keys[0].shape == (4, 1, 8, 1)
+    assert kv.keys[0][1, 0, :3, 0].tolist() == [100, 101, 102]
+    kv.remove(0)  # the last row moves into slot 0
+    assert kv.lengths == [4, 3]
+    assert kv.keys[0][0, 0, :4, 0].tolist() == [200, 201, 202, 203]
+    assert kv.values[0][0, 0, :4, 0].tolist() == [-200, -201, -202, -203]
+    kv.remove(1)
+    kv.remove(0)
+    assert kv.rows == 0 and kv.capacity == 4  # an empty cache shrinks back
+    with pytest.raises(PeftkitError, match="exceed 4 slots"):
+        kv.plan([1] * 5, torch.device("cpu"))
+
+
+def _engine(model, tok, **kw):
+    return Engine(model, tok, AdapterTable(model, 2), max_batch=4, **kw)
+
+
+def test_packed_steps_give_each_row_the_models_own_logits():
+    """Rows of different lengths decode while others join and leave; every row's logits equal a plain forward
+    over its whole sequence (grouped-query attention: 4 heads over 2 key/value heads)."""
+    model, tok = tiny_lm()
+    engine = _engine(model, tok)
+    assert engine.layout == "packed" and model.config.num_key_value_heads < model.config.num_attention_heads
+    kv = SlotKV(4, capacity=2)
+    seqs: list[list[int]] = []
+
+    def check(logits, rows):
+        for got, ids in zip(logits, rows, strict=True):
+            want = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    with torch.no_grad():
+        joining = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
+        logits = engine._packed_forward(kv, [], joining, None)
+        check(logits, joining)
+        seqs = [list(p) for p in joining]
+        for step in range(6):
+            nxt = [int(t) for t in logits[: len(seqs)].argmax(-1)]
+            for s, t in zip(seqs, nxt, strict=True):
+                s.append(t)
+            new = [[20 + step, 21, 22]] if step in (1, 3) else []
+            logits = engine._packed_forward(kv, nxt, new, None)
+            check(logits, seqs + new)
+            seqs += [list(p) for p in new]
+            if step in (2, 4):  # row 0 leaves: the last row takes its slot
+                kv.remove(0)
+                seqs[0] = seqs.pop()
+                logits = torch.cat([logits[len(seqs):len(seqs) + 1], logits[1:len(seqs)]])
+        assert kv.rows == len(seqs) and kv.capacity >= max(map(len, seqs))
+
+
+def test_packed_mixed_batch_routes_each_token_to_its_request_adapter(tmp_path):
+    """mixed_batch(tokens=True) on a packed sequence equals each adapter alone on its own tokens."""
+    dirs = make_adapters(tmp_path, ["a", "b"])
+    model, tok = tiny_lm()
+    for n, d in dirs.items():
+        peftkit.load(model, d, name=n)
+    engine = _engine(model, tok)
+    prompts, names = [[5, 6, 7], [8, 9, 10, 11], [12, 13]], ["a", None, "b"]
+    with torch.no_grad():
+        kv = SlotKV(4)
+        per_token = [n for n, p in zip(names, prompts, strict=True) for _ in p]
+        got = engine._packed_forward(kv, [], prompts, per_token)
+        for i, (p, n) in enumerate(zip(prompts, names, strict=True)):
+            if n is None:
+                with peftkit.disabled(model):
+                    want = model(input_ids=torch.tensor([p])).logits[0, -1]
+            else:
+                peftkit.activate(model, n)
+                want = model(input_ids=torch.tensor([p])).logits[0, -1]
+            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
+        with pytest.raises(PeftkitError, match="2 adapter names but the batch has 9 tokens"):
+            with peftkit.mixed_batch(model, ["a", "b"], tokens=True):
+                model(input_ids=torch.tensor([[t for p in prompts for t in p]]))
+
+
+def test_token_wise_modules():
+    from transformers.pytorch_utils import Conv1D
+
+    from peftkit.core.site import token_wise
+
+    model, _ = tiny_lm()
+    layer = model.model.layers[0]
+    assert token_wise(layer.self_attn.q_proj) and token_wise(layer.input_layernorm) and token_wise(Conv1D(4, 3))
+    assert token_wise(model.model.embed_tokens)
+    assert not token_wise(layer.self_attn) and not token_wise(layer) and not token_wise(torch.nn.Conv1d(2, 2, 3))
+
+
+def test_layout_choice_and_refusals(monkeypatch):
+    model, tok = tiny_lm()
+    assert _engine(model, tok, layout="padded").layout == "padded"
+    with pytest.raises(ConfigError, match=r"unknown engine layout 'paked'.*did you mean 'packed'"):
+        _engine(model, tok, layout="paked")
+    # a model whose attention a packed step cannot reproduce: auto falls back, packed refuses with the reason
+    model.config.sliding_window = 2
+    model.config.use_sliding_window = True
+    assert packed.unsupported_reason(model) == "it uses sliding-window attention"
+    assert _engine(model, tok).layout == "padded"
+    with pytest.raises(ConfigError, match="sliding-window attention; use --engine padded"):
+        _engine(model, tok, layout="packed")
+    model.config.sliding_window = None
+    # the numerical probe: a packed attention that drops one token's keys is caught
+    real = packed.packed_attention
+
+    def wrong(module, query, key, value, *a, **kw):
+        out, w = real(module, query, key, value, *a, **kw)
+        return out * 0.5, w
+
+    monkeypatch.setattr(packed, "packed_attention", wrong)
+    monkeypatch.setattr(packed, "_registered", False)
+    engine = _engine(model, tok)
+    assert engine.layout == "padded"
+    with pytest.raises(ConfigError, match="differs from the model's own logits"):
+        _engine(model, tok, layout="packed")
+    monkeypatch.undo()
+    packed._registered = False  # register the real function again for the tests that follow
+    assert _engine(model, tok).layout == "packed"
+
+
+def test_serve_command_loads_the_model_on_the_engine_thread(tmp_path, monkeypatch, capsys):
+    """Every torch call of `peftkit serve` runs on one thread (OpenMP work on a second thread made forwards slower)."""
+    import uvicorn
+
+    from peftkit.cli.main import main
+    from peftkit.serve import server
+
+    model, tok = tiny_lm()
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    seen = {}
+    real = server._load_and_build
+
+    def recording(*a, **kw):
+        seen["loaded on"] = threading.current_thread()
+        app, engine = real(*a, **kw)
+        seen["engine"] = engine
+        return app, engine
+
+    def fake_run(app, **_kwargs):
+        seen["engine thread"] = seen["engine"]._thread
+        seen["layout"] = seen["engine"].layout
+
+    monkeypatch.setattr(server, "_load_and_build", recording)
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    assert main(["serve", "--model", str(tmp_path / "model"), "--engine", "packed"]) == 0
+    assert seen["loaded on"] is seen["engine thread"] is not threading.main_thread()
+    assert seen["layout"] == "packed"
+    assert seen["engine"]._thread is None  # stopped when the server returned
+    seen.clear()
+    assert main(["serve", "--model", str(tmp_path / "model"), "--engine", "paded"]) == 2
+    assert main(["serve", "--model", str(tmp_path / "model"), "--task", "embedding", "--engine", "packed"]) == 2
+    err = capsys.readouterr().err
+    assert "--engine 'paded' is unknown (did you mean 'padded'" in err
+    assert "--engine packed applies to generation (--task causal-lm), not --task embedding" in err
+    assert not seen  # refused before loading anything
+
+
+def test_joining_prompts_are_bounded_per_step():
+    """max_step_tokens: prompts join while their tokens fit (the first joins whatever its length)."""
+    from peftkit.serve.decoding import SamplingParams
+    from peftkit.serve.engine import GenerationRequest
+
+    model, tok = tiny_lm()
+    engine = Engine(model, tok, AdapterTable(model, 1), max_batch=8, max_step_tokens=6)
+    events = []
+    for n in (9, 3, 2, 2):
+        engine.submit(GenerationRequest(list(range(5, 5 + n)), None, SamplingParams(max_tokens=50, temperature=0),
+                                        events.append))
+    engine._drain(block=False)
+    joined = []
+    for _ in range(3):
+        before = len(engine.running)
+        engine.work()
+        joined.append(len(engine.running) - before)
+    assert joined == [1, 2, 1]  # 9 alone; 3 + 2 (another 2 would make 7 > 6); the last 2
+    with pytest.raises(ConfigError, match="max_step_tokens must be at least 1"):
+        Engine(model, tok, AdapterTable(model, 1), max_step_tokens=0)
