@@ -107,16 +107,16 @@ def test_table_lru_eviction_skips_busy_adapters_and_checks_paths(tmp_path):
         AdapterTable(model, max_adapters=0)
 
 
-@pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_engine_continuous_batching_equals_generate_per_request(tmp_path, layout):
+@pytest.mark.parametrize(("layout", "prepack"), [("packed", True), ("packed", False), ("padded", False)])
+def test_engine_continuous_batching_equals_generate_per_request(tmp_path, layout, prepack):
     """More requests than batch rows, different lengths, adapters and base: rows join as others finish."""
     dirs = make_adapters(tmp_path, ["a", "b"])
     model, tok = tiny_lm()
     table = AdapterTable(model, max_adapters=2)
     for n, d in dirs.items():
         table.register(n, d)
-    engine = Engine(model, tok, table, max_batch=3, layout=layout).start()
-    assert engine.layout == layout
+    engine = Engine(model, tok, table, max_batch=3, layout=layout, prepack=prepack).start()
+    assert engine.layout == layout and (engine.prepacked is not None) == prepack
     jobs = [(name, p, n) for name, p, n in zip(["a", "b", None, "a", "b", None, "b"],
                                                 ["hello world", "two plus three", "yes no", "a b c d", "good bad movie",
                                                  "the", "alpha"], [3, 11, 6, 9, 2, 12, 7], strict=True)]

@@ -217,3 +217,88 @@ def test_joining_prompts_are_bounded_per_step():
     assert joined == [1, 2, 1]  # 9 alone; 3 + 2 (another 2 would make 7 > 6); the last 2
     with pytest.raises(ConfigError, match="max_step_tokens must be at least 1"):
         Engine(model, tok, AdapterTable(model, 1), max_step_tokens=0)
+
+
+def _plain(model, ids):
+    """The model's logits through F.linear everywhere (the prepacked forwards set aside)."""
+    saved = {m: m.__dict__.pop("forward") for m in model.modules() if "forward" in m.__dict__}
+    try:
+        return model(input_ids=ids).logits
+    finally:
+        for m, f in saved.items():
+            m.forward = f
+
+
+def test_prepacked_weights_equal_dense_products_and_follow_weight_changes(tmp_path):
+    from peftkit.serve import prepack
+
+    if not prepack.available():
+        pytest.skip("this torch has no oneDNN")
+    dirs = make_adapters(tmp_path, ["a"])
+    model, _ = tiny_lm()
+    peftkit.load(model, dirs["a"], name="a")
+    fast = prepack.Prepacked(model)
+    fast.sync()
+    linears = [m for n, m in model.named_modules() if type(m) is torch.nn.Linear and ".adapters." not in f".{n}."]
+    assert linears and set(fast.packed) == set(linears)  # base layers and the head; nothing inside adapters
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, _plain(model, ids), rtol=1e-5, atol=1e-5)
+        peftkit.merge(model, "a")  # the weights change under the packed copies: stale until synced
+        merged = _plain(model, ids)
+        assert not torch.allclose(model(input_ids=ids).logits, merged, atol=1e-3)
+        fast.sync()
+        torch.testing.assert_close(model(input_ids=ids).logits, merged, rtol=1e-5, atol=1e-5)
+        peftkit.unmerge(model)
+        peftkit.delete(model, "a")  # the sites are gone: their layers are packed again from the restored weights
+        fast.sync()
+        torch.testing.assert_close(model(input_ids=ids).logits, _plain(model, ids), rtol=1e-5, atol=1e-5)
+    model.lm_head.weight.requires_grad_(True)
+    loss = model(input_ids=ids, labels=ids).loss  # gradients take F.linear
+    loss.backward()
+    assert model.lm_head.weight.grad is not None
+    fast.close()
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_engine_refreshes_prepacked_weights_when_the_merged_path_switches(tmp_path):
+    """One adapter live: merged into the weights (packed again); another joins: restored (packed again)."""
+    from peftkit.serve.decoding import SamplingParams
+    from peftkit.serve.engine import Finished, GenerationRequest
+
+    from .serve_fixtures import reference
+
+    dirs = make_adapters(tmp_path, ["a", "b"])
+    model, tok = tiny_lm()
+    table = AdapterTable(model, 2)
+    for n, d in dirs.items():
+        table.register(n, d)
+        table.ensure(n, set())
+    engine = Engine(model, tok, table, max_batch=4, prepack=True)
+    if engine.prepacked is None:
+        pytest.skip("this torch has no oneDNN")
+    got = {}
+    for k, (name, steps) in enumerate([("a", 6), ("b", 3), ("a", 4)]):
+        engine.submit(GenerationRequest([5 + k, 6, 7], name, SamplingParams(max_tokens=steps, temperature=0),
+                                        lambda ev, k=k: got.__setitem__(k, ev) if isinstance(ev, Finished) else None))
+        engine._drain(block=False)
+        engine.work()  # request k joins alone or next to the running ones
+        engine.work()
+    while engine.running or engine.waiting:
+        engine.work()
+    assert engine.merged_steps > 0 and engine.mixed_steps > 0
+    for k, (name, steps) in enumerate([("a", 6), ("b", 3), ("a", 4)]):
+        want = reference(dirs[name], [5 + k, 6, 7], steps)
+        assert got[k].text == tok.decode(want, skip_special_tokens=True), k
+    engine.stop()
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_adapters_that_change_the_input_of_a_token_mixing_module_are_refused_for_packed_steps(monkeypatch):
+    from peftkit.serve import adapters
+
+    model, _ = tiny_lm()
+    peftkit.attach(model, peftkit.IA3(target_modules=["down_proj"], feedforward_modules=["down_proj"]), name="x")
+    assert adapters._not_packable(model, "x") is None  # a linear layer maps tokens one by one
+    monkeypatch.setattr("peftkit.core.site.token_wise", lambda m: False)
+    assert "ia3 at model.layers.0.mlp.down_proj changes the input of a Linear" in adapters._not_packable(model, "x")
