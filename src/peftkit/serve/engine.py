@@ -135,6 +135,7 @@ class Engine(Worker):
         self.layout = self._choose_layout(layout)  # the probe runs through the prepacked weights too
         table.packed = self.layout == "packed"
 
+    @torch.no_grad()
     def work(self) -> None:
         room = self.max_batch - len(self.running)
         new = self.admit(room, self.max_step_tokens) if room > 0 and self.waiting else []
