@@ -25,6 +25,17 @@ def _alone(model, inputs, name):
     return model(**inputs).logits
 
 
+def _check_rows(model, inputs, rows) -> torch.Tensor:
+    """A mixed batch gives every row what its adapter (or the base) gives alone; the mixed logits."""
+    with torch.no_grad():
+        refs = {n: _alone(model, inputs, n) for n in set(rows)}
+        with peftkit.mixed_batch(model, rows):
+            ym = model(**inputs).logits
+    for i, n in enumerate(rows):
+        torch.testing.assert_close(ym[i], refs[n][i], rtol=1e-5, atol=1e-5)
+    return ym
+
+
 @pytest.fixture
 def three():
     model, inputs, _ = tiny_llama()
@@ -42,12 +53,7 @@ def _stacks(model):
 def test_adapters_of_different_ranks_share_one_gathered_product(three):
     model, inputs = three
     rows = ["a1", None, "a0", "a2"]
-    with torch.no_grad():
-        refs = {n: _alone(model, inputs, n) for n in set(rows)}
-        with peftkit.mixed_batch(model, rows):
-            ym = model(**inputs).logits
-    for i, n in enumerate(rows):
-        torch.testing.assert_close(ym[i], refs[n][i], rtol=1e-5, atol=1e-5)
+    _check_rows(model, inputs, rows)
     stacks = _stacks(model)
     assert all(s is not None for s in stacks), "every site took the gathered path"
     assert {tuple(s.a.shape[:2]) for s in stacks} == {(4, 8)}  # 3 adapters + the zero slot, padded to r_max = 8
@@ -58,13 +64,7 @@ def test_the_cached_stack_follows_in_place_writes_deletes_and_new_adapters(three
     rows = ["a0", "a1", "a2", "a0"]
 
     def check():
-        with torch.no_grad():
-            refs = {n: _alone(model, inputs, n) for n in set(rows)}
-            with peftkit.mixed_batch(model, rows):
-                ym = model(**inputs).logits
-        for i, n in enumerate(rows):
-            torch.testing.assert_close(ym[i], refs[n][i], rtol=1e-5, atol=1e-5)
-        return ym
+        return _check_rows(model, inputs, rows)
 
     first = check()
     before = _stacks(model)
@@ -132,12 +132,7 @@ def test_the_cached_site_list_follows_new_sites_and_unloads(three):
     peftkit.attach(model, peftkit.LoRA(r=2, target_modules=["o_proj"]), name="new")  # sites on other modules
     _randomise(model, "new", seed=7)
     rows = ["new", "a0", "new", None]  # "new" is not on q_proj/v_proj, "a0" not on o_proj
-    with torch.no_grad():
-        refs = {n: _alone(model, inputs, n) for n in set(rows)}
-        with peftkit.mixed_batch(model, rows):
-            ym = model(**inputs).logits
-    for i, n in enumerate(rows):
-        torch.testing.assert_close(ym[i], refs[n][i], rtol=1e-5, atol=1e-5)
+    _check_rows(model, inputs, rows)
     assert len(site_list(model)[0]) > len(first)
     peftkit.unload(model)
     assert site_list(model)[0] == []
