@@ -17,7 +17,8 @@
    arrival order (static batching: a batch runs to its longest ``max_tokens``; each request is
    credited with its own tokens only, up to eos). The ratio is server tokens/s over peft tokens/s.
    Greedy texts of both are compared (left padding in peft's batches may flip rare near-ties).
-   ``--dtype bfloat16`` serves the base and the adapters in bfloat16 on both sides.
+   ``--dtype bfloat16`` serves the base and the adapters in bfloat16 on both sides; ``--server-args``
+   passes more flags to the server (``'--no-prepack'``, ``'--engine padded'``) to measure its parts.
 """
 
 from __future__ import annotations
@@ -118,13 +119,14 @@ async def drive(url: str, reqs: list[tuple[str, str, int]], concurrency: int) ->
 class Server:
     """`peftkit serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, dirs: list[Path], concurrency: int, max_adapters: int, threads: int, dtype: str) -> None:
+    def __init__(self, dirs: list[Path], concurrency: int, max_adapters: int, threads: int, dtype: str,
+                 extra: list[str]) -> None:
         import httpx
 
         port = free_port()
         cmd = [sys.executable, "-m", "peftkit.cli.main", "serve", "--model", "smollm2-135m", "--port", str(port),
                "--max-adapters", str(max_adapters), "--max-batch", str(concurrency), "--dtype", dtype,
-               "--adapters", *map(str, dirs)]
+               *extra, "--adapters", *map(str, dirs)]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{port}"
@@ -212,6 +214,8 @@ def main() -> None:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the dtype of the base and the adapters on both sides")
+    ap.add_argument("--server-args", default="", help="more `peftkit serve` flags, e.g. '--no-prepack' or "
+                                                      "'--engine padded' (one string)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still stops its server (finally)
     lo, hi = (int(x) for x in args.max_tokens.split(","))
@@ -226,7 +230,8 @@ def main() -> None:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         dirs = make_adapters(Path(tmp), args.adapters, args.seed)
-        server = Server(dirs, args.concurrency, args.max_adapters or args.adapters, args.threads, args.dtype)
+        server = Server(dirs, args.concurrency, args.max_adapters or args.adapters, args.threads, args.dtype,
+                        args.server_args.split())
         try:
             peft = None if args.skip_peft else PeftBaseline(dirs, args.dtype)
             warm = requests(args.concurrency, args.adapters, lo, lo, args.seed + 1)
@@ -263,7 +268,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads, {args.dtype}; "
           f"{len(reqs)} requests "
           f"over {args.adapters} adapters, concurrency {args.concurrency}, max_tokens {lo}..{hi}, greedy, "
-          f"{len(rounds)} alternating rounds")
+          f"{len(rounds)} alternating rounds; server flags: {args.server_args or '(defaults)'}")
     print(f"peftkit serve: {tokens} tokens in {srv_wall:.1f} s = {tps:.1f} tokens/s; latency p50 "
           f"{statistics.median(lat):.2f} s, p99 {lat[min(len(lat) - 1, int(0.99 * len(lat)))]:.2f} s; failed {failed}; "
           f"peak RSS {rss:.0f} MB; forwards mixed {metrics.get('peftkit_mixed_steps_total')} merged "
