@@ -18,7 +18,8 @@
    credited with its own tokens only, up to eos). The ratio is server tokens/s over peft tokens/s.
    Greedy texts of both are compared (left padding in peft's batches may flip rare near-ties).
    ``--dtype bfloat16`` serves the base and the adapters in bfloat16 on both sides; ``--server-args``
-   passes more flags to the server (``'--no-prepack'``, ``'--engine padded'``) to measure its parts.
+   passes more flags to the server (``--server-args=--no-prepack``, ``--server-args='--engine padded'``) to
+   measure its parts.
 """
 
 from __future__ import annotations
@@ -214,8 +215,9 @@ def main() -> None:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the dtype of the base and the adapters on both sides")
-    ap.add_argument("--server-args", default="", help="more `peftkit serve` flags, e.g. '--no-prepack' or "
-                                                      "'--engine padded' (one string)")
+    ap.add_argument("--server-args", default="",
+                    help="more `peftkit serve` flags as one string: --server-args=--no-prepack, "
+                         "--server-args='--engine padded'")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still stops its server (finally)
     lo, hi = (int(x) for x in args.max_tokens.split(","))

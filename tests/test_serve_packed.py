@@ -302,3 +302,84 @@ def test_adapters_that_change_the_input_of_a_token_mixing_module_are_refused_for
     assert adapters._not_packable(model, "x") is None  # a linear layer maps tokens one by one
     monkeypatch.setattr("peftkit.core.site.token_wise", lambda m: False)
     assert "ia3 at model.layers.0.mlp.down_proj changes the input of a Linear" in adapters._not_packable(model, "x")
+
+
+def _arch(name: str):
+    from transformers import (
+        GemmaConfig,
+        GemmaForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        PhiConfig,
+        PhiForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    from .tiny_tokenizers import llama_tok
+
+    tok = llama_tok()
+    v = len(tok)
+    common = dict(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=128, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    if name == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=v, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+        targets = ["c_attn"]
+    elif name == "qwen3":  # q/k norms, explicit head_dim
+        model = Qwen3ForCausalLM(Qwen3Config(**common, num_key_value_heads=2, head_dim=8))
+        targets = ["q_proj", "v_proj"]
+    elif name == "gemma":  # scaled embeddings, its own RMSNorm
+        model = GemmaForCausalLM(GemmaConfig(**common, num_key_value_heads=1, head_dim=8))
+        targets = ["q_proj", "v_proj"]
+    else:  # phi: partial rotary, biases, parallel attention and MLP
+        model = PhiForCausalLM(PhiConfig(**common))
+        targets = ["q_proj", "dense"]
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)  # greedy choices far from ties
+    return model.eval(), tok, targets
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3", "gemma", "phi"])
+def test_packed_steps_on_other_architectures_equal_generate(arch, tmp_path):
+    """Other attention layouts pass the start probe and serve mixed batches as generate does alone."""
+    from peftkit.serve.decoding import SamplingParams
+    from peftkit.serve.engine import Finished, GenerationRequest
+
+    model, tok, targets = _arch(arch)
+    peftkit.attach(model, peftkit.LoRA(r=4, alpha=8, target_modules=targets), name="a")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in peftkit.adapter_parameters(model, "a").values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+    path = peftkit.save(model, tmp_path / "a")
+    peftkit.delete(model, "a")
+    table = AdapterTable(model, 1)
+    table.register("a", path)
+    engine = Engine(model, tok, table, max_batch=2, prepack=True)
+    assert engine.layout == "packed"
+    jobs = [("a", [5, 6, 7], 7), (None, [8, 9], 5), ("a", [10, 11, 12, 13], 4), (None, [14], 6)]
+    got = {}
+    for k, (name, ids, n) in enumerate(jobs):
+        engine.submit(GenerationRequest(ids, name, SamplingParams(max_tokens=n, temperature=0),
+                                        lambda ev, k=k: got.__setitem__(k, ev) if isinstance(ev, Finished) else None))
+    engine._drain(block=False)
+    while engine.running or engine.waiting:
+        engine.work()
+    assert engine.mixed_steps > 0
+    engine.stop()
+    for k, (name, ids, n) in enumerate(jobs):
+        if name is None:
+            ctx = peftkit.disabled(model)
+        else:
+            peftkit.activate(model, name)
+            ctx = torch.no_grad()
+        with ctx, torch.no_grad():
+            x = torch.tensor([ids])
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        if tok.eos_token_id in out:
+            out = out[:out.index(tok.eos_token_id)]
+        assert got[k].text == tok.decode(out, skip_special_tokens=True), (arch, k)
