@@ -253,6 +253,15 @@ def test_prepacked_weights_equal_dense_products_and_follow_weight_changes(tmp_pa
         peftkit.delete(model, "a")  # the sites are gone: their layers are packed again from the restored weights
         fast.sync()
         torch.testing.assert_close(model(input_ids=ids).logits, _plain(model, ids), rtol=1e-5, atol=1e-5)
+        # a weight swapped in for one call (methods that override parameters) or replaced through .data: F.linear
+        head, h = model.lm_head, torch.randn(2, 32)
+        other = torch.randn_like(head.weight)
+        torch.testing.assert_close(torch.func.functional_call(head, {"weight": other}, (h,)), h @ other.T)
+        head.weight.data = other.clone()
+        torch.testing.assert_close(head(h), h @ other.T)
+        fast.sync()
+        assert fast.packed[head][2] == head.weight.data_ptr()  # packed again from the new tensor
+        torch.testing.assert_close(head(h), h @ other.T, rtol=1e-5, atol=1e-5)
     model.lm_head.weight.requires_grad_(True)
     loss = model(input_ids=ids, labels=ids).loss  # gradients take F.linear
     loss.backward()
@@ -383,3 +392,46 @@ def test_packed_steps_on_other_architectures_equal_generate(arch, tmp_path):
         if tok.eos_token_id in out:
             out = out[:out.index(tok.eos_token_id)]
         assert got[k].text == tok.decode(out, skip_special_tokens=True), (arch, k)
+
+
+@pytest.mark.parametrize(("layout", "prepack"), [("packed", True), ("packed", False), ("padded", True)])
+def test_methods_that_change_inputs_or_parameters_serve_as_alone(tmp_path, layout, prepack):
+    """OFT (input transform), SparseFT (parameter override: the weight swapped per call) and LayerNorm tuning next to
+    LoRA and the base, over prepacked weights or not (SparseFT also adapts the output head, which then sees every
+    packed token): each request gets its adapter's own generate."""
+    from peftkit.serve.decoding import SamplingParams
+    from peftkit.serve.engine import Finished, GenerationRequest
+
+    from .serve_fixtures import reference
+
+    configs = {"oft": peftkit.OFT(r=4, target_modules=["q_proj", "down_proj"]),
+               "sparse": peftkit.SparseFT(density=0.2, target_modules=["v_proj", "up_proj", "lm_head"]),
+               "ln": peftkit.LayerNormTuning()}
+    dirs = make_adapters(tmp_path, ["lora"])
+    for k, (name, cfg) in enumerate(configs.items()):
+        model, _ = tiny_lm()
+        peftkit.attach(model, cfg, name=name)
+        g = torch.Generator().manual_seed(50 + k)
+        with torch.no_grad():
+            for p in peftkit.adapter_parameters(model, name).values():
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        dirs[name] = peftkit.save(model, tmp_path / name)
+    model, tok = tiny_lm()
+    table = AdapterTable(model, len(dirs))
+    for n, d in dirs.items():
+        table.register(n, d)
+    engine = Engine(model, tok, table, max_batch=3, prepack=prepack, layout=layout)
+    assert engine.layout == layout
+    jobs = [(n, [5 + k, 6, 7], 6) for k, n in enumerate(dirs)] + [(None, [9, 10], 5)]
+    got = {}
+    for k, (name, ids, n) in enumerate(jobs):
+        engine.submit(GenerationRequest(ids, name, SamplingParams(max_tokens=n, temperature=0),
+                                        lambda ev, k=k: got.__setitem__(k, ev) if isinstance(ev, Finished) else None))
+    engine._drain(block=False)
+    while engine.running or engine.waiting:
+        engine.work()
+    engine.stop()
+    for k, (name, ids, n) in enumerate(jobs):
+        assert isinstance(got.get(k), Finished), (name, got.get(k))
+        want = reference(dirs[name] if name else None, ids, n)
+        assert got[k].text == tok.decode(want, skip_special_tokens=True), name

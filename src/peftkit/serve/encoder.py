@@ -61,8 +61,9 @@ class EncoderEngine(Worker):
     endpoint = "encode"
 
     def __init__(self, model: nn.Module, tokenizer: Any, table: AdapterTable, max_batch: int = 32,
-                 max_length: int = 512, max_waiting: int = 1024, metrics: Metrics | None = None) -> None:
-        super().__init__(model, tokenizer, table, max_batch, max_waiting, metrics)
+                 max_length: int = 512, max_waiting: int = 1024, metrics: Metrics | None = None,
+                 prepack: bool = False) -> None:
+        super().__init__(model, tokenizer, table, max_batch, max_waiting, metrics, prepack=prepack)
         self.max_length = max_length
         self.kind = "classification" if is_classifier(model) else "embedding"
         cfg = getattr(model, "config", None)

@@ -46,8 +46,6 @@ from .decoding import SamplingParams, TextStream, next_tokens
 from .kv import BatchKV, left_padded, positions
 from .metrics import Metrics
 from .packed import PackedCache, SlotKV, packed_step, unsupported_reason
-from .prepack import Prepacked
-from .prepack import available as prepack_available
 from .worker import Failed, QueueFull, Worker, log
 
 LAYOUTS = ("auto", "packed", "padded")
@@ -108,7 +106,7 @@ class Engine(Worker):
 
             raise ConfigError(f"unknown engine layout {layout!r}{did_you_mean(layout, LAYOUTS)}; "
                               f"choose one of {', '.join(LAYOUTS)}")
-        super().__init__(model, tokenizer, table, max_batch, max_waiting, metrics)
+        super().__init__(model, tokenizer, table, max_batch, max_waiting, metrics, prepack=prepack)
         if max_step_tokens < 1:
             from ..core.errors import ConfigError
 
@@ -126,12 +124,6 @@ class Engine(Worker):
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
         self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
         self.kv: SlotKV | None = None  # the packed layout's cache (None: padded layout)
-        #: oneDNN-blocked copies of the frozen linear weights (CPU), refreshed when weights change
-        self.prepacked: Prepacked | None = None
-        if prepack and self.device.type == "cpu" and prepack_available():
-            self.prepacked = Prepacked(model)
-            self.prepacked.sync()
-            table.changed = self.merged.changed = self.prepacked.sync
         self.layout = self._choose_layout(layout)  # the probe runs through the prepacked weights too
         table.packed = self.layout == "packed"
 
@@ -147,13 +139,6 @@ class Engine(Worker):
             self._prefill(new)
         if self.running:
             self._decode()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        super().stop(timeout)
-        if self.prepacked is not None and self._thread is None:  # the model gets its own forwards back
-            self.table.changed = self.merged.changed = None
-            self.prepacked.close()
-            self.prepacked = None
 
     def reset(self) -> None:
         self.batch = None
@@ -211,7 +196,9 @@ class Engine(Worker):
             keep.append(len(ids) - 1)
         plan = kv.plan([len(p) for p in prompts], self.device)
         kw = {self._cache_arg: PackedCache(kv), "use_cache": True}
-        if self._keep_last:
+        # an adapted output head must see every packed token (its adapter names are per token): no logits_to_keep then
+        keep_some = self._keep_last and not _head_is_site(self.model)
+        if keep_some:
             kw["logits_to_keep"] = torch.tensor(keep, dtype=torch.long, device=self.device)
         route = self._route(names, tokens=True) if names is not None else contextlib.nullcontext()
         with route, packed_step(self.model, plan):
@@ -219,7 +206,7 @@ class Engine(Worker):
                              position_ids=torch.tensor([pos], device=self.device), **kw)
         kv.commit(plan)
         logits = out.logits[0]
-        return logits if self._keep_last else logits[keep]
+        return logits if keep_some else logits[keep]
 
     def _packed(self, new: list[GenerationRequest]) -> None:
         kv = self.kv
@@ -335,6 +322,13 @@ class Engine(Worker):
                 done.add(r.id)
         self.metrics.tokens(generated=len(rows))
         return done
+
+
+def _head_is_site(model: nn.Module) -> bool:
+    from ..core.site import AdapterSite
+
+    get = getattr(model, "get_output_embeddings", None)
+    return isinstance(get() if callable(get) else None, AdapterSite)
 
 
 def _cache_of(out: Any) -> Any:

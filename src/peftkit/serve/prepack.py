@@ -13,9 +13,11 @@ What is kept and refreshed: the dense weights stay where they are (merges, savin
 read them), so the linear weights take twice the memory. A copy is made again whenever the engine
 may have changed its weight: after an adapter is loaded or evicted (some methods rewrite the base
 weight, e.g. PiSSA's residual) and after the merged single-adapter path folds an adapter in or takes
-it out; only layers that are (or were) adapter sites change, so only those are packed again. Layers
-inside adapters, quantized or float16 weights, non-CPU tensors and any forward that needs gradients
-use ``F.linear`` unchanged.
+it out; only layers that are (or were) adapter sites change, so only those are packed again. A forward
+whose weight is not the tensor the copy was made from (a method that overrides parameters calls the
+layer through ``functional_call`` with its own weight; a weight replaced through ``.data``) takes
+``F.linear``, and so do layers inside adapters, quantized or float16 weights, non-CPU tensors and any
+forward that needs gradients.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class Prepacked:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.packed: dict[nn.Linear, torch.Tensor] = {}
+        #: layer -> (blocked copy, the weight tensor it was made from, that tensor's data pointer)
+        self.packed: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._site_bases: set[nn.Module] = set()
 
     def sync(self) -> None:
@@ -59,7 +62,8 @@ class Prepacked:
             seen.add(m)
             if not _eligible(m):
                 self._unpack(m)
-            elif m not in self.packed or m in again:
+            elif m not in self.packed or m in again or self.packed[m][1] is not m.weight \
+                    or self.packed[m][2] != m.weight.data_ptr():
                 self._pack(m)
         for m in [m for m in self.packed if m not in seen]:
             self._unpack(m)
@@ -71,12 +75,13 @@ class Prepacked:
             self._unpack(m)
 
     def nbytes(self) -> int:
-        return sum(w.numel() * w.element_size() for w in self.packed.values())
+        return sum(w.numel() * w.element_size() for w, _, _ in self.packed.values())
 
     def _pack(self, m: nn.Linear) -> None:
         try:
             with torch.no_grad():
-                self.packed[m] = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach())
+                self.packed[m] = (torch.ops.mkldnn._reorder_linear_weight(m.weight.detach()), m.weight,
+                                  m.weight.data_ptr())
         except RuntimeError as e:  # this CPU's oneDNN cannot take the dtype
             log.info("linear weight %s not prepacked: %s", tuple(m.weight.shape), e)
             self._unpack(m)
@@ -99,9 +104,13 @@ def _make_forward(packed: dict) -> Any:
     op = torch.ops.mkldnn._linear_pointwise
 
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        w = packed.get(self)
-        if w is None or torch.is_grad_enabled() or x.dtype != w.dtype or x.device.type != "cpu":
-            return F.linear(x, self.weight, self.bias)
-        return op(x, w, self.bias, "none", [], "")
+        entry = packed.get(self)
+        weight = self.weight
+        # the copy serves only the tensor it was made from: a weight swapped in for this call (functional_call, as
+        # methods that override parameters do) or replaced (.data = ...) takes F.linear
+        if entry is None or entry[1] is not weight or entry[2] != weight.data_ptr() or torch.is_grad_enabled() \
+                or x.dtype != weight.dtype or x.device.type != "cpu":
+            return F.linear(x, weight, self.bias)
+        return op(x, entry[0], self.bias, "none", [], "")
 
     return forward

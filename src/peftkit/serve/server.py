@@ -59,7 +59,7 @@ def build(model: Any, tokenizer: Any, adapters: list[tuple[str, Path]], max_adap
         engine = Engine(model, tokenizer, table, max_batch=max_batch, max_waiting=max_waiting, merge_single=merge_single,
                         layout=layout, max_step_tokens=max_step_tokens, prepack=prepack)
     else:
-        engine = EncoderEngine(model, tokenizer, table, max_batch=max_batch, max_waiting=max_waiting)
+        engine = EncoderEngine(model, tokenizer, table, max_batch=max_batch, max_waiting=max_waiting, prepack=prepack)
     return create_app(engine, limits, model_name), engine
 
 

@@ -24,6 +24,8 @@ from ..core.errors import AdapterNotFoundError, ConfigError, PeftkitError
 from .adapters import AdapterTable
 from .fastpath import MergedPath
 from .metrics import Metrics
+from .prepack import Prepacked
+from .prepack import available as prepack_available
 
 log = logging.getLogger("peftkit.serve")
 
@@ -48,7 +50,7 @@ class Worker:
     name = "peftkit-engine"
 
     def __init__(self, model: nn.Module, tokenizer: Any, table: AdapterTable, max_batch: int = 16,
-                 max_waiting: int = 1024, metrics: Metrics | None = None) -> None:
+                 max_waiting: int = 1024, metrics: Metrics | None = None, prepack: bool = False) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
         if max_waiting < 1:
@@ -61,6 +63,13 @@ class Worker:
         self.metrics = metrics or Metrics()
         self.device = next(model.parameters()).device
         self.merged = MergedPath(model)
+        #: oneDNN-blocked copies of the frozen linear weights (CPU; peftkit.serve.prepack), refreshed whenever an
+        #: adapter load, eviction or the merged path changes weights
+        self.prepacked: Prepacked | None = None
+        if prepack and self.device.type == "cpu" and prepack_available():
+            self.prepacked = Prepacked(model)
+            self.prepacked.sync()
+            table.changed = self.merged.changed = self.prepacked.sync
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: list[Any] = []
         self.running: list[Any] = []
@@ -98,6 +107,10 @@ class Worker:
             if self._thread is not threading.current_thread():
                 self._thread.join(timeout)
             self._thread = None
+        if self.prepacked is not None:  # the model gets its own forwards back
+            self.table.changed = self.merged.changed = None
+            self.prepacked.close()
+            self.prepacked = None
 
     def submit(self, request: Any) -> Any:
         with self._count:
