@@ -313,6 +313,22 @@ def test_adapters_that_change_the_input_of_a_token_mixing_module_are_refused_for
     assert "ia3 at model.layers.0.mlp.down_proj changes the input of a Linear" in adapters._not_packable(model, "x")
 
 
+def _run_jobs(engine: Engine, jobs: list) -> dict:
+    """Submit ``(adapter, prompt ids, max_tokens)`` greedy requests and step the engine until all are done;
+    the last event of each (``Finished`` or ``Failed``) by job index."""
+    from peftkit.serve.decoding import SamplingParams
+    from peftkit.serve.engine import Delta, GenerationRequest
+
+    got: dict = {}
+    for k, (name, ids, n) in enumerate(jobs):
+        engine.submit(GenerationRequest(ids, name, SamplingParams(max_tokens=n, temperature=0),
+                                        lambda ev, k=k: None if isinstance(ev, Delta) else got.__setitem__(k, ev)))
+    engine._drain(block=False)
+    while engine.running or engine.waiting:
+        engine.work()
+    return got
+
+
 def _arch(name: str):
     from transformers import (
         GemmaConfig,
@@ -354,8 +370,6 @@ def _arch(name: str):
 @pytest.mark.parametrize("arch", ["gpt2", "qwen3", "gemma", "phi"])
 def test_packed_steps_on_other_architectures_equal_generate(arch, tmp_path):
     """Other attention layouts pass the start probe and serve mixed batches as generate does alone."""
-    from peftkit.serve.decoding import SamplingParams
-    from peftkit.serve.engine import Finished, GenerationRequest
 
     model, tok, targets = _arch(arch)
     peftkit.attach(model, peftkit.LoRA(r=4, alpha=8, target_modules=targets), name="a")
@@ -370,13 +384,7 @@ def test_packed_steps_on_other_architectures_equal_generate(arch, tmp_path):
     engine = Engine(model, tok, table, max_batch=2, prepack=True)
     assert engine.layout == "packed"
     jobs = [("a", [5, 6, 7], 7), (None, [8, 9], 5), ("a", [10, 11, 12, 13], 4), (None, [14], 6)]
-    got = {}
-    for k, (name, ids, n) in enumerate(jobs):
-        engine.submit(GenerationRequest(ids, name, SamplingParams(max_tokens=n, temperature=0),
-                                        lambda ev, k=k: got.__setitem__(k, ev) if isinstance(ev, Finished) else None))
-    engine._drain(block=False)
-    while engine.running or engine.waiting:
-        engine.work()
+    got = _run_jobs(engine, jobs)
     assert engine.mixed_steps > 0
     engine.stop()
     for k, (name, ids, n) in enumerate(jobs):
@@ -399,8 +407,7 @@ def test_methods_that_change_inputs_or_parameters_serve_as_alone(tmp_path, layou
     """OFT (input transform), SparseFT (parameter override: the weight swapped per call) and LayerNorm tuning next to
     LoRA and the base, over prepacked weights or not (SparseFT also adapts the output head, which then sees every
     packed token): each request gets its adapter's own generate."""
-    from peftkit.serve.decoding import SamplingParams
-    from peftkit.serve.engine import Finished, GenerationRequest
+    from peftkit.serve.engine import Finished
 
     from .serve_fixtures import reference
 
@@ -423,13 +430,7 @@ def test_methods_that_change_inputs_or_parameters_serve_as_alone(tmp_path, layou
     engine = Engine(model, tok, table, max_batch=3, prepack=prepack, layout=layout)
     assert engine.layout == layout
     jobs = [(n, [5 + k, 6, 7], 6) for k, n in enumerate(dirs)] + [(None, [9, 10], 5)]
-    got = {}
-    for k, (name, ids, n) in enumerate(jobs):
-        engine.submit(GenerationRequest(ids, name, SamplingParams(max_tokens=n, temperature=0),
-                                        lambda ev, k=k: got.__setitem__(k, ev) if isinstance(ev, Finished) else None))
-    engine._drain(block=False)
-    while engine.running or engine.waiting:
-        engine.work()
+    got = _run_jobs(engine, jobs)
     engine.stop()
     for k, (name, ids, n) in enumerate(jobs):
         assert isinstance(got.get(k), Finished), (name, got.get(k))
