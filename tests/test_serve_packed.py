@@ -27,30 +27,41 @@ def _fill(kv: SlotKV, layer: int = 0) -> None:
 
 
 def test_slot_cache_plan_commit_remove_and_growth():
+    cpu = torch.device("cpu")
     kv = SlotKV(slots=4, capacity=4)
-    plan = kv.plan([3, 2], torch.device("cpu"))
-    assert plan.decode == 0 and plan.segments == [(0, 0, 3), (1, 3, 2)] and plan.mask is None
+    plan = kv.plan([], [(0, 3), (1, 2)], cpu)
+    assert plan.decode == 0 and [(g.slot, g.first, g.n, g.past) for g in plan.segments] == [(0, 0, 3, 0), (1, 3, 2, 0)]
+    assert plan.mask is None
     kv.commit(plan)
     assert kv.lengths == [3, 2]
-    plan = kv.plan([4], torch.device("cpu"))  # rows decode at columns 3 and 2; the prompt takes slot 2
-    assert plan.decode == 2 and plan.cols.tolist() == [3, 2] and plan.width == 4
+    plan = kv.plan([0, 1], [(2, 4)], cpu)  # rows decode at columns 3 and 2; the prompt takes slot 2
+    assert plan.decode == 2 and plan.prefix and plan.cols.tolist() == [3, 2] and plan.width == 4
     assert plan.mask[:, 0, 0].tolist() == [[True, True, True, True], [True, True, True, False]]
-    assert plan.segments == [(2, 2, 4)]
+    assert [(g.slot, g.first, g.n, g.past) for g in plan.segments] == [(2, 2, 4, 0)]
     kv.commit(plan)
     assert kv.lengths == [4, 3, 4]
     _fill(kv)
-    kv.plan([], torch.device("cpu"))  # row 0 needs column 4: the capacity doubles, the contents stay
+    kv.plan([0, 1, 2], [], cpu)  # row 0 needs column 4: the capacity doubles, the contents stay
     assert kv.capacity == 8 and kv.keys[0].shape == (4, 1, 8, 1)
     assert kv.keys[0][1, 0, :3, 0].tolist() == [100, 101, 102]
+    # row 1 decodes while row 2 takes a second piece of its prompt: a gather, and a mask over cached + new
+    plan = kv.plan([1], [(2, 2)], cpu)
+    assert not plan.prefix and plan.rows.tolist() == [1]
+    seg = plan.segments[0]
+    assert (seg.past, seg.n) == (4, 2) and seg.mask.tolist() == [[True] * 5 + [False], [True] * 6]
+    kv.commit(plan)
+    assert kv.lengths == [4, 4, 6]
+    with pytest.raises(PeftkitError, match="new rows must take slots 3"):
+        kv.plan([], [(3, 1), (3, 1)], cpu)
     kv.remove(0)  # the last row moves into slot 0
-    assert kv.lengths == [4, 3]
+    assert kv.lengths == [6, 4]
     assert kv.keys[0][0, 0, :4, 0].tolist() == [200, 201, 202, 203]
     assert kv.values[0][0, 0, :4, 0].tolist() == [-200, -201, -202, -203]
     kv.remove(1)
     kv.remove(0)
     assert kv.rows == 0 and kv.capacity == 4  # an empty cache shrinks back
     with pytest.raises(PeftkitError, match="exceed 4 slots"):
-        kv.plan([1] * 5, torch.device("cpu"))
+        kv.plan([], [(i, 1) for i in range(5)], cpu)
 
 
 def _engine(model, tok, **kw):
@@ -73,7 +84,7 @@ def test_packed_steps_give_each_row_the_models_own_logits():
 
     with torch.no_grad():
         joining = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
-        logits = engine._packed_forward(kv, [], joining, None)
+        logits = engine._packed_forward(kv, [], list(enumerate(joining)), None)
         check(logits, joining)
         seqs = [list(p) for p in joining]
         for step in range(6):
@@ -81,7 +92,8 @@ def test_packed_steps_give_each_row_the_models_own_logits():
             for s, t in zip(seqs, nxt, strict=True):
                 s.append(t)
             new = [[20 + step, 21, 22]] if step in (1, 3) else []
-            logits = engine._packed_forward(kv, nxt, new, None)
+            logits = engine._packed_forward(kv, list(enumerate(nxt)), [(len(seqs) + j, p) for j, p in enumerate(new)],
+                                            None)
             check(logits, seqs + new)
             seqs += [list(p) for p in new]
             if step in (2, 4):  # row 0 leaves: the last row takes its slot
@@ -102,7 +114,7 @@ def test_packed_mixed_batch_routes_each_token_to_its_request_adapter(tmp_path):
     with torch.no_grad():
         kv = SlotKV(4)
         per_token = [n for n, p in zip(names, prompts, strict=True) for _ in p]
-        got = engine._packed_forward(kv, [], prompts, per_token)
+        got = engine._packed_forward(kv, [], list(enumerate(prompts)), per_token)
         for i, (p, n) in enumerate(zip(prompts, names, strict=True)):
             if n is None:
                 with peftkit.disabled(model):
@@ -197,24 +209,32 @@ def test_serve_command_loads_the_model_on_the_engine_thread(tmp_path, monkeypatc
     assert not seen  # refused before loading anything
 
 
-def test_joining_prompts_are_bounded_per_step():
-    """max_step_tokens: prompts join while their tokens fit (the first joins whatever its length)."""
-    from peftkit.serve.decoding import SamplingParams
-    from peftkit.serve.engine import GenerationRequest
+@pytest.mark.parametrize("budget", [6, 4, 1])
+def test_long_prompts_are_prefilled_in_pieces_within_the_step_budget(tmp_path, budget):
+    """max_step_tokens bounds the prompt tokens of a step: a long prompt is prefilled over several steps (later pieces
+    attend to the cached part) while other rows keep decoding, and every answer still equals generate alone."""
+    from .serve_fixtures import reference
 
+    dirs = make_adapters(tmp_path, ["a"])
     model, tok = tiny_lm()
-    engine = Engine(model, tok, AdapterTable(model, 1), max_batch=8, max_step_tokens=6)
-    events = []
-    for n in (9, 3, 2, 2):
-        engine.submit(GenerationRequest(list(range(5, 5 + n)), None, SamplingParams(max_tokens=50, temperature=0),
-                                        events.append))
-    engine._drain(block=False)
-    joined = []
-    for _ in range(3):
-        before = len(engine.running)
-        engine.work()
-        joined.append(len(engine.running) - before)
-    assert joined == [1, 2, 1]  # 9 alone; 3 + 2 (another 2 would make 7 > 6); the last 2
+    table = AdapterTable(model, 1)
+    table.register("a", dirs["a"])
+    engine = Engine(model, tok, table, max_batch=4, max_step_tokens=budget)
+    pieces = []
+    real = engine._packed_forward
+
+    def recording(kv, decode, chunks, names):
+        pieces.append([len(piece) for _, piece in chunks])
+        return real(kv, decode, chunks, names)
+
+    engine._packed_forward = recording
+    jobs = [("a", list(range(5, 14)), 6), (None, [20, 21, 22], 8), ("a", [30, 31], 5), (None, [40, 41, 42, 43, 44], 4)]
+    got = _run_jobs(engine, jobs)
+    assert all(sum(p) <= budget for p in pieces) and max(map(sum, pieces)) == budget
+    assert sum(map(sum, pieces)) == sum(len(ids) for _, ids, _ in jobs)  # every prompt token exactly once
+    for k, (name, ids, n) in enumerate(jobs):
+        want = reference(dirs[name] if name else None, ids, n)
+        assert got[k].text == tok.decode(want, skip_special_tokens=True), (budget, k)
     with pytest.raises(ConfigError, match="max_step_tokens must be at least 1"):
         Engine(model, tok, AdapterTable(model, 1), max_step_tokens=0)
 

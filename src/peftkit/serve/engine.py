@@ -89,6 +89,8 @@ class GenerationRequest:
     #: False: only the ``Finished`` event (with the whole text) is emitted, no ``Delta`` per token; a
     #: non-streaming HTTP answer needs nothing else, and the event loop is not woken every step
     deltas: bool = True
+    #: prompt tokens already in the cache (packed layout: a long prompt is prefilled in pieces)
+    prefilled: int = 0
 
     def cancel(self) -> None:
         """Thread-safe: the engine drops the request at its next step (a client went away)."""
@@ -130,7 +132,10 @@ class Engine(Worker):
     @torch.no_grad()
     def work(self) -> None:
         room = self.max_batch - len(self.running)
-        new = self.admit(room, self.max_step_tokens) if room > 0 and self.waiting else []
+        budget = self.max_step_tokens
+        if self.kv is not None:  # prompt pieces still pending from earlier steps come first
+            budget -= sum(len(r.prompt_ids) - r.prefilled for r in self.running)
+        new = self.admit(room, budget) if room > 0 and self.waiting and budget > 0 else []
         if self.kv is not None:
             if self.running or new:
                 self._packed(new)
@@ -171,9 +176,9 @@ class Engine(Worker):
         kv = SlotKV(2, capacity=4)  # the second step grows the capacity: that path is probed too
         try:
             with torch.no_grad(), disabled(self.model):
-                first = self._packed_forward(kv, [], prompts, None)
+                first = self._packed_forward(kv, [], list(enumerate(prompts)), None)
                 nxt = first.argmax(-1).tolist()
-                second = self._packed_forward(kv, nxt, [], None)
+                second = self._packed_forward(kv, list(enumerate(nxt)), [], None)
                 for p, a, t, b in zip(prompts, first, nxt, second, strict=True):
                     for ids, got in ((p, a), ([*p, t], b)):
                         want = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, -1]
@@ -186,15 +191,20 @@ class Engine(Worker):
             return f"a packed probe step failed ({type(e).__name__}: {e})"
         return None
 
-    def _packed_forward(self, kv: SlotKV, last: list[int], prompts: list[list[int]],
+    def _packed_forward(self, kv: SlotKV, decode: list[tuple[int, int]], chunks: list[tuple[int, list[int]]],
                         names: list[str | None] | None) -> torch.Tensor:
-        """One packed forward: ``last[i]`` fed to running row ``i``, ``prompts`` joining; next-token logits per row."""
-        ids, pos, keep = list(last), list(kv.lengths), list(range(len(last)))
-        for p in prompts:
-            ids += p
-            pos += range(len(p))
+        """One packed forward: ``decode`` ``(slot, token)`` feeds one token to a decoding row, ``chunks``
+        ``(slot, token ids)`` a prompt or a piece of one (slots ``>= kv.rows`` are new rows, in order);
+        the next-token logits after each decode token and after the last token of each chunk, in that order."""
+        ids = [t for _, t in decode]
+        pos = [kv.lengths[slot] for slot, _ in decode]
+        keep = list(range(len(decode)))
+        for slot, piece in chunks:
+            past = kv.lengths[slot] if slot < kv.rows else 0
+            ids += piece
+            pos += range(past, past + len(piece))
             keep.append(len(ids) - 1)
-        plan = kv.plan([len(p) for p in prompts], self.device)
+        plan = kv.plan([slot for slot, _ in decode], [(slot, len(piece)) for slot, piece in chunks], self.device)
         kw = {self._cache_arg: PackedCache(kv), "use_cache": True}
         # an adapted output head must see every packed token (its adapter names are per token): no logits_to_keep then
         keep_some = self._keep_last and not _head_is_site(self.model)
@@ -209,16 +219,40 @@ class Engine(Worker):
         return logits if keep_some else logits[keep]
 
     def _packed(self, new: list[GenerationRequest]) -> None:
+        """One packed step: decoding rows feed their last token; prompts (pieces of at most the step's remaining
+        budget, running rows' pending pieces first) feed theirs; rows whose prompt completes get their first token."""
         kv = self.kv
         assert kv is not None
-        names = [r.adapter for r in self.running] + [r.adapter for r in new for _ in r.prompt_ids]
-        logits = self._packed_forward(kv, [r.tokens[-1] for r in self.running], [r.prompt_ids for r in new], names)
-        self.metrics.step()
         if new:
-            self.metrics.tokens(prompt=sum(len(r.prompt_ids) for r in new))
             self._start(new)
         rows = self.running = self.running + new
-        done = self._accept(rows, logits)
+        budget = self.max_step_tokens
+        decode, chunks, finishing = [], [], []
+        names: list[str | None] = []
+        for slot, r in enumerate(rows):
+            if r.prefilled == len(r.prompt_ids):
+                decode.append((slot, r.tokens[-1]))
+                names.append(r.adapter)
+        for slot, r in enumerate(rows):
+            left = len(r.prompt_ids) - r.prefilled
+            if left and budget > 0:
+                n = min(left, budget)
+                chunks.append((slot, r.prompt_ids[r.prefilled:r.prefilled + n]))
+                names += [r.adapter] * n
+                finishing.append(n == left)
+                budget -= n
+        logits = self._packed_forward(kv, decode, chunks, names)
+        self.metrics.step()
+        self.metrics.tokens(prompt=sum(len(piece) for _, piece in chunks))
+        for slot, piece in chunks:
+            rows[slot].prefilled += len(piece)
+        with_token = [slot for slot, _ in decode] + [slot for (slot, _), f in zip(chunks, finishing, strict=True) if f]
+        pick = list(range(len(decode))) + [len(decode) + j for j, f in enumerate(finishing) if f]
+        done = self._accept([rows[i] for i in with_token], logits[pick] if len(pick) != len(logits) else logits)
+        for r in rows:  # a row still prefilling can be cancelled too
+            if r.cancelled and r.id not in done and r.prefilled < len(r.prompt_ids):
+                self.metrics.request(self.endpoint, "cancelled")
+                done.add(r.id)
         for i in sorted((i for i, r in enumerate(rows) if r.id in done), reverse=True):
             kv.remove(i)  # the last row moves into slot i: the running list does the same
             moved = rows.pop()

@@ -18,7 +18,9 @@ transformers attention implementation, computes for every layer
 * decode token ``i``: ``softmax(q_i K_iᵀ / √d) V_i`` over its row's cached keys ``K_i[:n_i]`` and its
   own key (written at column ``n_i`` first), one batched SDPA over all running rows with a length
   mask (grouped-query heads read their shared key/value head: no repeated keys);
-* prompt ``j``: causal attention within the prompt, its keys written into a fresh slot.
+* prompt ``j``: causal attention within the prompt, its keys written into a fresh slot. A prompt longer
+  than the step's token budget is prefilled in pieces over several steps; a later piece attends to the
+  part already cached in its slot and causally to itself.
 
 The cache (:class:`SlotKV`) is preallocated per layer, ``[slots, kv_heads, capacity, head_dim]``,
 the capacity doubling when a row needs more: no concatenation per step. Running rows occupy slots
@@ -46,16 +48,29 @@ _UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "position_bias")
 
 
 @dataclass
+class Segment:
+    """A piece of one prompt in a packed step: tokens ``first .. first+n-1`` of the sequence, written to ``slot`` after
+    the ``past`` tokens already cached there (a long prompt is prefilled in pieces over several steps)."""
+
+    slot: int
+    first: int
+    n: int
+    past: int
+    mask: torch.Tensor | None  # [n, past + n] causal over the cached part and the piece (None when past == 0)
+
+
+@dataclass
 class Plan:
-    """One packed step: ``decode`` running rows (tokens ``0..R-1``, slots ``0..R-1``), then the prompts."""
+    """One packed step: ``decode`` tokens (one per decoding row, slots ``rows``), then the prompt segments."""
 
     kv: SlotKV
     decode: int
-    rows: torch.Tensor  # arange(R): the slots the decode tokens are written to
+    rows: torch.Tensor  # [R] the slots the decode tokens are written to (in token order)
+    prefix: bool  # rows == 0..R-1: the decode rows are the first slots (a slice, no gather)
     cols: torch.Tensor  # [R] the column of each decode token (its row's length so far)
     mask: torch.Tensor | None  # [R, 1, 1, width] True on the columns a decode token attends to
     width: int
-    segments: list[tuple[int, int, int]]  # (slot, first token, length) of each joining prompt
+    segments: list[Segment]
 
 
 _PLAN: contextvars.ContextVar[Plan | None] = contextvars.ContextVar("peftkit_packed_plan", default=None)
@@ -76,26 +91,44 @@ class SlotKV:
     def rows(self) -> int:
         return len(self.lengths)
 
-    def plan(self, prompt_lengths: list[int], device: torch.device) -> Plan:
-        """The layout of the next step: every running row decodes one token, ``prompt_lengths`` join."""
+    def plan(self, decode: list[int], chunks: list[tuple[int, int]], device: torch.device) -> Plan:
+        """The layout of the next step: rows ``decode`` (slots, ascending) feed one token each, then ``chunks``
+        ``(slot, n)`` feed ``n`` prompt tokens each; a slot ``>= rows`` is a new row (the new slots follow the rows)."""
         rows = self.rows
-        if rows + len(prompt_lengths) > self.slots:
-            raise PeftkitError(f"{rows} running rows and {len(prompt_lengths)} joining ones exceed {self.slots} slots")
-        self._reserve(max([n + 1 for n in self.lengths] + list(prompt_lengths) + [1]))
-        cols = torch.tensor(self.lengths, dtype=torch.long, device=device)
-        width = max(self.lengths) + 1 if rows else 0
+        new = sum(1 for slot, _ in chunks if slot >= rows)
+        if [slot for slot, _ in chunks if slot >= rows] != list(range(rows, rows + new)):
+            raise PeftkitError(f"new rows must take slots {rows}.. in order, got {[c[0] for c in chunks]}")
+        if rows + new > self.slots:
+            raise PeftkitError(f"{rows} running rows and {new} joining ones exceed {self.slots} slots")
+        past = {slot: (self.lengths[slot] if slot < rows else 0) for slot, _ in chunks}
+        self._reserve(max([self.lengths[i] + 1 for i in decode] + [past[slot] + n for slot, n in chunks] + [1]))
+        lengths = [self.lengths[i] for i in decode]
+        cols = torch.tensor(lengths, dtype=torch.long, device=device)
+        width = max(lengths) + 1 if decode else 0
         mask = None
-        if rows:
+        if decode:
             mask = (torch.arange(width, device=device)[None, :] <= cols[:, None])[:, None, None, :]
-        segments, offset = [], rows
-        for j, n in enumerate(prompt_lengths):
-            segments.append((rows + j, offset, n))
-            offset += n
-        return Plan(self, rows, torch.arange(rows, device=device), cols, mask, width, segments)
+        segments, first = [], len(decode)
+        for slot, n in chunks:
+            p = past[slot]
+            seg_mask = None
+            if p:  # query i of the piece sees the cached tokens and the piece's first i + 1 tokens
+                seg_mask = torch.arange(p + n, device=device)[None, :] <= p + torch.arange(n, device=device)[:, None]
+            segments.append(Segment(slot, first, n, p, seg_mask))
+            first += n
+        prefix = decode == list(range(len(decode)))
+        return Plan(self, len(decode), torch.tensor(decode, dtype=torch.long, device=device), prefix, cols, mask,
+                    width, segments)
 
     def commit(self, plan: Plan) -> None:
-        """After the forward: every decoded row is one token longer, the prompts are rows now."""
-        self.lengths = [n + 1 for n in self.lengths] + [n for _, _, n in plan.segments]
+        """After the forward: every decoded row is one token longer, the segments are cached (new rows appended)."""
+        for i in plan.rows.tolist():
+            self.lengths[i] += 1
+        for seg in plan.segments:
+            if seg.slot < len(self.lengths):
+                self.lengths[seg.slot] = seg.past + seg.n
+            else:
+                self.lengths.append(seg.n)
 
     def remove(self, i: int) -> None:
         """Drop row ``i``; the last row moves into its slot (callers remove in descending order)."""
@@ -155,9 +188,9 @@ class PackedCache:
         if r:
             k[plan.rows, :, plan.cols] = key_states[0, :, :r].transpose(0, 1)
             v[plan.rows, :, plan.cols] = value_states[0, :, :r].transpose(0, 1)
-        for slot, first, n in plan.segments:
-            k[slot, :, :n] = key_states[0, :, first:first + n]
-            v[slot, :, :n] = value_states[0, :, first:first + n]
+        for seg in plan.segments:
+            k[seg.slot, :, seg.past:seg.past + seg.n] = key_states[0, :, seg.first:seg.first + seg.n]
+            v[seg.slot, :, seg.past:seg.past + seg.n] = value_states[0, :, seg.first:seg.first + seg.n]
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -188,13 +221,23 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     r = plan.decode
     if r:  # [R, heads, 1, d] against [R, kv_heads, T, d] (grouped-query heads share their key/value head)
         q = query[0, :, :r].transpose(0, 1).unsqueeze(2)
-        o = F.scaled_dot_product_attention(q, k_all[:r, :, :plan.width], v_all[:r, :, :plan.width],
-                                           attn_mask=plan.mask, scale=scaling, enable_gqa=group > 1)
+        if plan.prefix:
+            k_rows, v_rows = k_all[:r, :, :plan.width], v_all[:r, :, :plan.width]
+        else:  # some rows are still prefilling: gather the decoding ones
+            k_rows = k_all[:, :, :plan.width].index_select(0, plan.rows)
+            v_rows = v_all[:, :, :plan.width].index_select(0, plan.rows)
+        o = F.scaled_dot_product_attention(q, k_rows, v_rows, attn_mask=plan.mask, scale=scaling, enable_gqa=group > 1)
         out[:r] = o[:, :, 0]
-    for _slot, first, n in plan.segments:
-        s = slice(first, first + n)
-        o = F.scaled_dot_product_attention(query[:, :, s], key[:, :, s], value[:, :, s], is_causal=True,
-                                           scale=scaling, enable_gqa=group > 1)
+    for seg in plan.segments:
+        s = slice(seg.first, seg.first + seg.n)
+        if seg.past:  # a later piece of a long prompt: the cached part of the prompt and the piece, causally
+            end = seg.past + seg.n
+            o = F.scaled_dot_product_attention(query[:, :, s], k_all[seg.slot:seg.slot + 1, :, :end],
+                                               v_all[seg.slot:seg.slot + 1, :, :end], attn_mask=seg.mask,
+                                               scale=scaling, enable_gqa=group > 1)
+        else:
+            o = F.scaled_dot_product_attention(query[:, :, s], key[:, :, s], value[:, :, s], is_causal=True,
+                                               scale=scaling, enable_gqa=group > 1)
         out[s] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None
 

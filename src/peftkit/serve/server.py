@@ -78,7 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, default=1024,
                    help="requests queued for the batch at most; more are answered 429 (rate_limit_error)")
     p.add_argument("--max-step-tokens", type=int, default=512,
-                   help="prompt tokens that join the batch in one step at most (a longer single prompt joins alone)")
+                   help="prompt tokens per step at most: packed steps prefill a longer prompt in pieces "
+                        "over several steps (padded steps admit prompts until it is reached)")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, default=4096)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)

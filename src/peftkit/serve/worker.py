@@ -183,8 +183,8 @@ class Worker:
     def admit(self, room: int, budget: int | None = None) -> list[Any]:
         """Up to ``room`` waiting requests whose adapters are (now) loaded, oldest first.
 
-        ``budget``: prompt tokens joining in one step at most (the first request joins whatever its
-        length), so a burst of long prompts does not stall the running rows for one huge forward.
+        ``budget``: requests join while the prompt tokens joining in this step are fewer (the last one
+        may pass it; the packed engine then prefills its prompt in pieces over the next steps).
         A request whose adapter cannot be loaded yet (``max_adapters`` reached, all of them held by
         running rows) blocks the requests behind it until a loaded adapter becomes idle."""
         new: list[Any] = []
@@ -193,7 +193,7 @@ class Worker:
         for req in list(self.waiting):
             if len(new) >= room:
                 break
-            if budget is not None and new and tokens + len(req.prompt_ids) > budget:
+            if budget is not None and tokens >= budget:
                 break
             if req.cancelled:
                 self.leave_queue(req)
