@@ -175,7 +175,7 @@ class AdapterSite(nn.Module):
             return self._adapt_rows(names_per_row, groups, present, x.transpose(0, 1),
                                     base_out.transpose(0, 1)).transpose(0, 1)
         if packed:
-            if kwargs or len(args) != 1 or not token_wise(self.base):
+            if kwargs or len(args) != 1 or not all(self.packable(m) for m in mods):
                 raise self._not_token_wise(mods[0])
             return self._group_rows(groups, present, (x.transpose(0, 1),), {}, len(names_per_row)).transpose(0, 1)
         return self._group_rows(groups, present, args, kwargs, x.shape[0])
@@ -209,6 +209,12 @@ class AdapterSite(nn.Module):
             else:
                 outs.append((idx, self.base(*sub_args, **sub_kwargs)))
         return _scatter_rows(outs, n)
+
+    def packable(self, mod: AdapterModule) -> bool:
+        """Whether ``mod`` (an adapter of this site) can run on a packed batch: output-only methods at any module
+        (they act after it, token by token); methods that change the module's input or parameters only around a
+        token-wise module (token ``n`` of a packed batch is its own row only there)."""
+        return not (mod.transforms_input or mod.overrides_params) or token_wise(self.base)
 
     def _not_token_wise(self, mod: AdapterModule) -> Exception:
         from .errors import PeftkitError

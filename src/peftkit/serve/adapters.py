@@ -201,15 +201,12 @@ class AdapterTable:
 
 
 def _not_packable(model: nn.Module, name: str) -> str | None:
-    """Why adapter ``name`` cannot run on packed batches (None: it can): a method that changes the input or the
-    weights of a module that mixes tokens (token ``n`` of a packed batch is its own row only around token-wise
-    modules; output-only methods are applied after the module, so any module is fine for them)."""
+    """Why adapter ``name`` cannot run on packed batches (None: it can; the rule is ``AdapterSite.packable``)."""
     from ..core.model import iter_sites
-    from ..core.site import token_wise
 
     for path, site in iter_sites(model):
         m = site.adapters._modules.get(name)
-        if m is not None and (m.transforms_input or m.overrides_params) and not token_wise(site.base):
+        if m is not None and not site.packable(m):
             return f"{m.config.method} at {path} changes the input of a {type(site.base).__name__}, which mixes tokens"
     return None
 

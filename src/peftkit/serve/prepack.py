@@ -52,8 +52,9 @@ class Prepacked:
 
     def sync(self) -> None:
         """Pack new eligible layers, pack again those that are or were adapter sites, drop the ineligible."""
-        inside = {id(m) for site in site_list(self.model)[0] for m in site.adapters.modules()}
-        bases = {site.base for site in site_list(self.model)[0]}
+        sites = site_list(self.model)[0]
+        inside = {id(m) for site in sites for m in site.adapters.modules()}
+        bases = {site.base for site in sites}
         again = bases | self._site_bases
         seen = set()
         for m in self.model.modules():
